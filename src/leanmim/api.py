@@ -1,0 +1,127 @@
+"""The Python API; each function is one ``leanmim`` subcommand."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import LoadedRun, load_run
+from .config import ConfigError, ModelConfig, RunConfig
+from .encoder import pool_features
+
+
+def pretrain(config: RunConfig | dict | str | Path = None, callbacks=(), **train_overrides: Any) -> dict[str, Any]:
+    """Pretrain from a RunConfig, a dict or a YAML path; ``train_overrides`` set ``config.train`` fields."""
+    from .engine import pretrain as run_pretraining
+
+    if config is None:
+        config = RunConfig()
+    elif isinstance(config, (str, Path)):
+        config = RunConfig.load_yaml(config)
+    elif isinstance(config, dict):
+        config = RunConfig.from_dict(config)
+    if train_overrides:
+        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_overrides))
+    return run_pretraining(config, callbacks)
+
+
+def probe(run: str | Path | None = None, data: str | None = None, baseline: str | None = None, pool: str = "mean",
+          k: int = 20, temperature: float = 0.07, linear_epochs: int = 100, batch_size: int = 256,
+          precision: str = "auto", seed: int = 0) -> dict[str, Any]:
+    """Frozen-feature evaluation (weighted kNN + linear probe) on the labelled train/test splits.
+
+    ``baseline``: None (the run's encoder), ``"random"`` (same architecture, untrained) or
+    ``"raw"`` (raw pixels; needs no run). Results are written to ``RUN_DIR/probe*.json``.
+    """
+    from .data import build_labelled_splits, default_channels, default_img_size
+    from .engine import bf16_supported, write_summary
+    from .evaluate import probe as run_probe, raw_pixel_features
+
+    if baseline not in (None, "random", "raw"):
+        raise ConfigError(f"unknown baseline '{baseline}': use random or raw")
+    loaded = load_run(run) if run is not None else None
+    if loaded is None and baseline != "raw":
+        raise ConfigError("probe needs a run directory or checkpoint (or --baseline raw with --data)")
+    data = data or (loaded.config.data.path if loaded else "fashion-mnist")
+    if loaded:
+        model = loaded.config.model
+    else:
+        model = ModelConfig().resolved(default_img_size(data), default_channels(data))
+    splits = build_labelled_splits(data, model.img_size, model.in_chans)
+
+    if baseline == "raw":
+        feature_fn, name = raw_pixel_features, "raw pixels"
+    else:
+        method = loaded.method
+        if baseline == "random":
+            from .methods import build_method
+            torch.manual_seed(seed)
+            method, name = build_method(loaded.config.method, model, loaded.config.options).eval(), "random encoder"
+        else:
+            name = f"{loaded.config.method} encoder"
+        encoder = method.encoder
+        feature_fn = lambda images: pool_features(encoder.forward_features(images), pool)  # noqa: E731
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported("cpu"))
+    result = run_probe(feature_fn, splits.train, splits.test, splits.num_classes, batch_transform=splits.batch_transform,
+                       autocast_dtype=torch.bfloat16 if use_bf16 else None, k=k, temperature=temperature,
+                       linear_epochs=linear_epochs, seed=seed, batch_size=batch_size)
+    report = {"features": name, "pool": pool if baseline != "raw" else None, "data": data, **result.as_dict()}
+    if loaded is not None:
+        report["checkpoint"] = str(loaded.checkpoint_path)
+        report["global_step"] = loaded.global_step
+        run_dir = loaded.checkpoint_path.parent.parent
+        if (run_dir / "config.yaml").is_file():
+            key = "probe" if baseline is None else f"probe_{baseline}"
+            (run_dir / f"{key}.json").write_text(json.dumps(report, indent=2))
+            write_summary(run_dir, {key: report})
+    return report
+
+
+def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str | None = None, seed: int = 0) -> Path:
+    """Draw original / masked / reconstruction / reconstruction + visible for ``num_images`` images."""
+    from .data import build_pretrain_data
+    from .reconstruct import reconstruction_panels, save_reconstruction_grid
+
+    loaded = load_run(run)
+    model = loaded.config.model
+    data = build_pretrain_data(data or loaded.config.data.path, model.img_size, model.in_chans, augment=False)
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randperm(len(data.dataset), generator=generator)[:num_images].tolist()
+    images = torch.stack([data.dataset[i] for i in indices])
+    if data.batch_transform is not None:
+        images = data.batch_transform(images)
+    panels = reconstruction_panels(loaded.method, images.float(), seed=seed)
+    return save_reconstruction_grid(panels, data.mean, data.std, out)
+
+
+def export(run: str | Path, out: str | Path) -> Path:
+    """Write the run's encoder as timm-loadable safetensors."""
+    from .export import export_encoder
+
+    loaded = load_run(run)
+    return export_encoder(loaded.method.encoder, loaded.config.model, out)
+
+
+def cost(method: str = "mae", model: str = "vit_base_patch16", img_size: int = 224, patch_size: int | None = None,
+         in_chans: int = 3, options: dict[str, Any] | None = None, inference: bool = False,
+         model_overrides: dict[str, Any] | None = None, **encoder_kwargs: Any) -> dict[str, Any]:
+    """MACs per image (counted) and parameter counts of a method/model, like ``leanmim cost``."""
+    from .cost import method_cost
+
+    model_config = ModelConfig(name=model, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                               **(model_overrides or {})).resolved()
+    return method_cost(method, model_config, options, inference=inference, **encoder_kwargs)
+
+
+def methods() -> dict[str, dict[str, Any]]:
+    """Registered methods: summary and options with defaults and meanings."""
+    from .methods import METHODS
+
+    return {name: {"summary": cls.summary,
+                   "options": {f.name: {"default": f.default, "help": f.metadata.get("help", "")}
+                               for f in dataclasses.fields(cls.Options)}}
+            for name, cls in sorted(METHODS.items())}

@@ -1,0 +1,226 @@
+"""The ``leanmim`` command. Thin: parse, validate, call :mod:`leanmim.api`, print.
+
+Errors the user can fix are printed as one line (``leanmim: error: …``) with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from typing import Any, Sequence
+
+from . import __version__
+from .config import SECTIONS, ConfigError, RunConfig, field_type
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line instead of usage + error."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (see '{self.prog} --help')")
+
+
+def cli_name(field: dataclasses.Field) -> str:
+    return field.metadata.get("cli") or field.name
+
+
+def add_field_flag(group, field: dataclasses.Field, dest: str) -> None:
+    kind = field_type(field.type)
+    flag = "--" + cli_name(field).replace("_", "-")
+    help_text = f"{field.metadata.get('help', '')} [default: {field.default}]"
+    if kind is bool:
+        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=help_text)
+    else:
+        group.add_argument(flag, dest=dest, type=str, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
+                           help=help_text)
+
+
+def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field (model/data/train sections) and per option of every registered method."""
+    from .methods import METHODS
+
+    parser.add_argument("--config", help="YAML written by a previous run (or by hand); flags override it")
+    parser.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(sorted(METHODS))} [default: mae]")
+    for section, cls in SECTIONS.items():
+        group = parser.add_argument_group(section)
+        for field in dataclasses.fields(cls):
+            add_field_flag(group, field, f"{section}.{field.name}")
+    seen: set[str] = set()
+    group = parser.add_argument_group("method options (see 'leanmim methods')")
+    for cls in METHODS.values():
+        for field in dataclasses.fields(cls.Options):
+            if field.name not in seen:
+                seen.add(field.name)
+                add_field_flag(group, field, f"options.{field.name}")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The YAML (if any) with the command-line flags applied on top."""
+    from .methods import method_class
+
+    values = RunConfig.load_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
+    given = {key: value for key, value in vars(args).items() if "." in key}
+    if hasattr(args, "method"):
+        if args.method != values["method"]:
+            values["options"] = {}  # options of another method do not carry over
+        values["method"] = args.method
+    method_options = {f.name for f in dataclasses.fields(method_class(values["method"]).Options)}
+    for key, value in given.items():
+        section, name = key.split(".", 1)
+        if section == "options" and name not in method_options:
+            raise ConfigError(f"--{name.replace('_', '-')} is not an option of method '{values['method']}' "
+                              f"(its options: {', '.join(sorted(method_options)) or 'none'})")
+        values[section][name] = value
+    return RunConfig.from_dict(values, source="command line")
+
+
+def print_table(rows: list[tuple[str, str]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+def format_macs(value: float) -> str:
+    return f"{value / 1e9:.3f} G"
+
+
+def command_pretrain(args) -> int:
+    from . import api
+    summary = api.pretrain(config_from_args(args))
+    print(json.dumps(summary, indent=2) if args.json else
+          f"done: {summary['global_step']} steps, run directory {summary['run_dir']}")
+    return 0
+
+
+def command_probe(args) -> int:
+    from . import api
+    report = api.probe(args.run, data=args.data, baseline=args.baseline, pool=args.pool, k=args.k,
+                       temperature=args.temperature, linear_epochs=args.linear_epochs, precision=args.precision)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{report['features']} ({report['num_train']} train / {report['num_test']} test images, "
+              f"{report['feature_dim']}-d features): kNN top-1 {100 * report['knn_top1']:.2f}%  "
+              f"linear top-1 {100 * report['linear_top1']:.2f}%")
+    return 0
+
+
+def command_reconstruct(args) -> int:
+    from . import api
+    print(api.reconstruct(args.run, args.out, num_images=args.num_images, data=args.data, seed=args.seed))
+    return 0
+
+
+def command_export(args) -> int:
+    from . import api
+    print(api.export(args.run, args.out))
+    return 0
+
+
+def command_cost(args) -> int:
+    from . import api
+    options = {}
+    for item in args.option or []:
+        if "=" not in item:
+            raise ConfigError(f"--option expects NAME=VALUE, got '{item}'")
+        name, value = item.split("=", 1)
+        options[name.replace("-", "_")] = value
+    encoder_kwargs = {"token_drop": args.token_drop} if args.token_drop is not None else {}
+    result = api.cost(args.method, args.model, args.img_size, args.patch_size, args.in_chans, options,
+                      inference=args.inference, **encoder_kwargs)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['method']} / {result['model']} @ {result['img_size']} px, patch {result['patch_size']}: "
+          f"{result['mode']}")
+    print_table([(f"MACs {name}", format_macs(value)) for name, value in result["macs"].items()]
+                + [(f"params {name}", f"{value / 1e6:.2f} M") for name, value in result["params"].items()])
+    return 0
+
+
+def command_methods(args) -> int:
+    from . import api
+    listing = api.methods()
+    if args.json:
+        print(json.dumps(listing, default=str))
+        return 0
+    for name, entry in listing.items():
+        print(f"{name}: {entry['summary']}")
+        for option, meta in entry["options"].items():
+            print(f"    --{option.replace('_', '-'):<28} {str(meta['default']):<12} {meta['help']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="leanmim", description="Masked image modeling pretraining for ViTs at low compute.")
+    parser.add_argument("--version", action="version", version=f"leanmim {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain an encoder (resumes a run found in --out)")
+    add_pretrain_flags(pretrain)
+    pretrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
+    pretrain.set_defaults(handler=command_pretrain)
+
+    probe = commands.add_parser("probe", help="kNN and linear-probe accuracy of frozen features")
+    probe.add_argument("run", nargs="?", help="run directory or checkpoint")
+    probe.add_argument("--data", help="labelled data (default: the run's)")
+    probe.add_argument("--baseline", choices=("random", "raw"), help="probe a random encoder or raw pixels instead")
+    probe.add_argument("--pool", default="mean", choices=("mean", "cls", "cls+mean"), help="image feature [mean]")
+    probe.add_argument("--k", type=int, default=20, help="kNN neighbours [20]")
+    probe.add_argument("--temperature", type=float, default=0.07, help="kNN temperature [0.07]")
+    probe.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs [100]")
+    probe.add_argument("--precision", default="auto", choices=("auto", "bf16", "32"))
+    probe.add_argument("--json", action="store_true", help="print one JSON object")
+    probe.set_defaults(handler=command_probe)
+
+    reconstruct = commands.add_parser("reconstruct", help="draw reconstructions of random images")
+    reconstruct.add_argument("run", help="run directory or checkpoint")
+    reconstruct.add_argument("--out", required=True, help="PNG file to write")
+    reconstruct.add_argument("--num-images", type=int, default=8)
+    reconstruct.add_argument("--data", help="images (default: the run's data)")
+    reconstruct.add_argument("--seed", type=int, default=0)
+    reconstruct.set_defaults(handler=command_reconstruct)
+
+    export = commands.add_parser("export", help="write the encoder as timm-loadable safetensors")
+    export.add_argument("run", help="run directory or checkpoint")
+    export.add_argument("--out", required=True, help="FILE.safetensors")
+    export.set_defaults(handler=command_export)
+
+    cost = commands.add_parser("cost", help="count MACs per image and parameters")
+    cost.add_argument("--method", default="mae")
+    cost.add_argument("--model", default="vit_base_patch16")
+    cost.add_argument("--img-size", type=int, default=224)
+    cost.add_argument("--patch-size", type=int)
+    cost.add_argument("--in-chans", type=int, default=3)
+    cost.add_argument("--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
+    cost.add_argument("--inference", action="store_true", help="count the plain full-image encoder forward")
+    cost.add_argument("--token-drop", type=float, help="with --inference: token compression drop ratio per stage")
+    cost.add_argument("--json", action="store_true", help="print one JSON object")
+    cost.set_defaults(handler=command_cost)
+
+    methods = commands.add_parser("methods", help="list methods and their options")
+    methods.add_argument("--json", action="store_true")
+    methods.set_defaults(handler=command_methods)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .data import DataError
+    from .engine import NonFiniteLossError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return args.handler(args)
+    except (ConfigError, DataError, NonFiniteLossError) as err:
+        print(f"leanmim: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("leanmim: interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Typed run configuration: defaults, validation, YAML in and out, CLI flag generation.
+
+A run is described by four sections plus the method's own options:
+
+    method: mae
+    model:   ModelConfig   (architecture, image geometry)
+    data:    DataConfig    (where images come from, augmentation)
+    train:   TrainConfig   (optimisation, precision, devices, checkpoints)
+    options: the method's options dataclass (see ``leanmim methods``)
+
+Every field is also a CLI flag: ``--field-name`` (``model.name`` is ``--model``,
+``data.path`` is ``--data``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad setting; its message is one line that says what is wrong and how to fix it."""
+
+
+def option(default: Any, help: str, cli: str | None = None, choices: tuple | None = None):
+    """A config field with a one-line meaning (shown by ``--help`` and ``leanmim methods``)."""
+    return field(default=default, metadata={"help": help, "cli": cli, "choices": choices})
+
+
+# Encoder presets by timm-style name: (patch_size, embed_dim, depth, num_heads).
+MODEL_PRESETS: dict[str, dict[str, int]] = {
+    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+# The timm model each preset exports to (``timm.create_model`` name).
+TIMM_NAMES = {
+    "vit_tiny_patch16": "vit_tiny_patch16_224",
+    "vit_small_patch16": "vit_small_patch16_224",
+    "vit_base_patch16": "vit_base_patch16_224",
+    "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = option("vit_tiny_patch16", "encoder preset", cli="model", choices=tuple(MODEL_PRESETS))
+    img_size: int | None = option(None, "input image size in pixels (default: the data's native size, else 224)")
+    patch_size: int | None = option(None, "patch size in pixels (default: the preset's)")
+    in_chans: int | None = option(None, "image channels, 1 or 3 (default: the data's)")
+    embed_dim: int | None = option(None, "encoder width (default: the preset's)")
+    depth: int | None = option(None, "encoder blocks (default: the preset's)")
+    num_heads: int | None = option(None, "encoder attention heads (default: the preset's)")
+    mlp_ratio: float = option(4.0, "MLP hidden width / token width")
+    decoder_embed_dim: int = option(512, "decoder width (MAE: 512)")
+    decoder_depth: int = option(8, "decoder blocks (MAE: 8)")
+    decoder_num_heads: int = option(16, "decoder attention heads (MAE: 16)")
+    drop_path: float = option(0.0, "stochastic depth rate of the encoder")
+
+    def resolved(self, native_img_size: int | None = None, native_chans: int | None = None) -> "ModelConfig":
+        """Fill the ``None`` fields from the preset and the data, and validate the geometry."""
+        if self.name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model '{self.name}': choose one of {', '.join(MODEL_PRESETS)}")
+        preset = MODEL_PRESETS[self.name]
+        values = dataclasses.asdict(self)
+        for key, default in preset.items():
+            if values[key] is None:
+                values[key] = default
+        values["img_size"] = values["img_size"] or native_img_size or 224
+        values["in_chans"] = values["in_chans"] or native_chans or 3
+        model = ModelConfig(**values)
+        model.validate()
+        return model
+
+    def validate(self) -> None:
+        if self.in_chans not in (1, 3):
+            raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
+        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                    "decoder_depth", "decoder_num_heads"):
+            value = getattr(self, key)
+            if value is not None and value <= 0 and not (key == "decoder_depth" and value == 0):
+                raise ConfigError(f"{key} must be positive, got {value}")
+        if self.img_size % self.patch_size:
+            raise ConfigError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
+                              f"choose --img-size as a multiple of --patch-size")
+        if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
+            raise ConfigError("embed_dim must be divisible by num_heads (and decoder_embed_dim by decoder_num_heads)")
+        if self.embed_dim % 4 or self.decoder_embed_dim % 4:
+            raise ConfigError("embed_dim and decoder_embed_dim must be multiples of 4 (2D sin-cos position embedding)")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.img_size // self.patch_size) ** 2
+
+    @property
+    def patch_dim(self) -> int:
+        """p²·C, the length of a flattened pixel patch."""
+        return self.patch_size ** 2 * self.in_chans
+
+
+@dataclass
+class DataConfig:
+    path: str = option("fashion-mnist", "'fashion-mnist' or a directory of images (searched recursively)", cli="data")
+    augment: bool = option(True, "MIM augmentation (RandomResizedCrop + flip); off: resize only")
+    crop_min_scale: float = option(0.2, "smallest RandomResizedCrop area fraction")
+    hflip: bool = option(True, "random horizontal flips")
+    max_memory_gb: float = option(4.0, "hold the decoded dataset in memory when it fits in this many GiB")
+    num_workers: int = option(2, "loader processes when images are streamed from disk")
+
+
+@dataclass
+class TrainConfig:
+    out: str | None = option(None, "run directory (default: runs/<method>-<model>); an existing run there resumes")
+    epochs: int = option(10, "training epochs (ignored when max_steps > 0)")
+    max_steps: int = option(-1, "optimizer steps to train; overrides epochs when > 0")
+    batch_size: int = option(256, "images per device per forward pass")
+    accumulate_grad_batches: int = option(1, "forward passes per optimizer step")
+    base_lr: float = option(1.5e-4, "learning rate per 256 images of effective batch")
+    lr: float | None = option(None, "absolute learning rate (default: base_lr × effective_batch / 256)")
+    min_lr: float = option(0.0, "learning rate at the end of the cosine schedule")
+    warmup_fraction: float = option(0.05, "fraction of the steps spent in linear warmup (MAE: 40/800)")
+    weight_decay: float = option(0.05, "AdamW weight decay (never on biases, norms, tokens)")
+    beta1: float = option(0.9, "AdamW beta1")
+    beta2: float = option(0.95, "AdamW beta2")
+    grad_clip: float | None = option(None, "clip the gradient norm to this value")
+    precision: str = option("auto", "bf16 (mixed), 32, or auto = bf16 where the hardware supports it",
+                            choices=("auto", "bf16", "32"))
+    accelerator: str = option("auto", "cpu, gpu or auto")
+    devices: str = option("1", "devices per node (a number, or 'auto')")
+    num_nodes: int = option(1, "nodes (start with torchrun or SLURM)")
+    strategy: str = option("auto", "auto, ddp or fsdp", choices=("auto", "ddp", "fsdp"))
+    seed: int = option(0, "seed for weights, data order, augmentation and masking")
+    compile: bool = option(False, "torch.compile the method")
+    checkpoint_every_epochs: int = option(1, "write a periodic checkpoint every N epochs (0: only last)")
+    log_every_steps: int = option(10, "log metrics every N steps")
+    progress_bar: bool = option(True, "show a progress bar")
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+@dataclass
+class RunConfig:
+    method: str = "mae"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method, "model": dataclasses.asdict(self.model), "data": dataclasses.asdict(self.data),
+                "train": dataclasses.asdict(self.train), "options": dict(self.options)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], source: str = "config") -> "RunConfig":
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: expected a mapping with keys method, model, data, train, options")
+        unknown = set(values) - {"method", "model", "data", "train", "options"}
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {', '.join(sorted(unknown))}; "
+                              f"allowed: method, model, data, train, options")
+        sections = {name: dataclass_from_dict(section, values.get(name) or {}, f"{source}: {name}")
+                    for name, section in SECTIONS.items()}
+        options = values.get("options") or {}
+        if not isinstance(options, dict):
+            raise ConfigError(f"{source}: options must be a mapping")
+        return cls(method=str(values.get("method", "mae")), options=dict(options), **sections)
+
+    def save_yaml(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load_yaml(cls, path: str | Path) -> "RunConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            line = f" (line {where.line + 1})" if where is not None else ""
+            raise ConfigError(f"config file '{path}' is not valid YAML{line}: fix the syntax") from None
+        return cls.from_dict(values or {}, source=str(path))
+
+
+def field_type(annotation: Any) -> type:
+    """The concrete scalar type of a field annotation such as ``int | None``."""
+    if isinstance(annotation, str):
+        annotation = eval(annotation, {"typing": typing})  # annotations are strings under `from __future__`
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return annotation
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert ``value`` to the field's type, or raise a one-line ConfigError."""
+    kind = field_type(annotation)
+    if value is None:
+        return None
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "yes", "1", "on"):
+            return True
+        if str(value).lower() in ("false", "no", "0", "off"):
+            return False
+    elif kind is tuple or kind is list:
+        return list(value) if isinstance(value, (list, tuple)) else [int(v) for v in str(value).split(",") if v]
+    else:
+        try:
+            if kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return kind(value)
+        except (TypeError, ValueError):
+            pass
+    raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any], source: str):
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and checking types and choices."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: expected a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ConfigError(f"{source}: unknown option(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(fields)}")
+    kwargs = {}
+    for key, value in values.items():
+        kwargs[key] = coerce(value, fields[key].type, f"{source}.{key}")
+        choices = fields[key].metadata.get("choices")
+        if choices and kwargs[key] not in choices:
+            raise ConfigError(f"{source}.{key}: '{kwargs[key]}' is not one of {', '.join(map(str, choices))}")
+    return cls(**kwargs)

@@ -1,0 +1,114 @@
+"""Cost accounting: MACs counted by torch's FlopCounterMode over real passes, and parameter counts.
+
+MACs = FLOPs / 2. Per-part figures come from the module hierarchy: everything a method's
+direct child module (``encoder``, ``decoder``, ``teacher``, heads, …) executes is charged to
+it; work done outside any child is reported as ``other``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch.utils import flop_counter
+from torch.utils.flop_counter import FlopCounterMode
+
+from .config import ModelConfig, RunConfig
+from .methods import MIMMethod, build_method
+from .methods.base import options_to_dict
+from .methods import build_options
+
+
+# torch's counter knows the CUDA attention kernels but not the CPU flash kernel that
+# scaled_dot_product_attention dispatches to here: without these, attention is counted as 0.
+@flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+def _cpu_flash_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+@flop_counter.register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)
+def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+def _flops_by_part(counter: FlopCounterMode, root: str) -> dict[str, int]:
+    """FLOPs per direct child of the root module, from the counter's per-module table.
+
+    The table holds every module that ran with the FLOPs of its whole subtree, so for each
+    child we add up only its outermost recorded descendants (a child may not be called
+    itself, e.g. when the method calls ``encoder.forward_visible``).
+    """
+    totals = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+    outermost = [name for name in totals if name.startswith(root + ".")
+                 and not any(name.startswith(other + ".") for other in totals if other != name and other.startswith(root + "."))]
+    parts: dict[str, int] = defaultdict(int)
+    for name in outermost:
+        parts[name[len(root) + 1:].split(".")[0]] += totals[name]
+    return dict(parts)
+
+
+def _root_name(method: MIMMethod) -> str:
+    return type(method).__name__
+
+
+def count_forward(method: MIMMethod, images: torch.Tensor) -> dict[str, float]:
+    """Forward MACs per image of a training forward pass, per part plus ``total``."""
+    with FlopCounterMode(display=False) as counter:
+        method(images)
+    parts = _flops_by_part(counter, _root_name(method))
+    total = counter.get_total_flops()
+    macs = {name: flops / 2 / images.shape[0] for name, flops in parts.items()}
+    other = (total - sum(parts.values())) / 2 / images.shape[0]
+    if other:
+        macs["other"] = other
+    macs["total"] = total / 2 / images.shape[0]
+    return macs
+
+
+def count_train_step(method: MIMMethod, images: torch.Tensor) -> float:
+    """MACs per image of one training step as executed: forward plus backward (teachers run forward only)."""
+    method.zero_grad(set_to_none=True)
+    with FlopCounterMode(display=False) as counter:
+        method(images).loss.backward()
+    method.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / 2 / images.shape[0]
+
+
+def count_inference(method: MIMMethod, images: torch.Tensor, **encoder_kwargs: Any) -> float:
+    """MACs per image of the plain full-image encoder forward (fine-tuning, feature extraction)."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        method.encoder.forward_features(images, **encoder_kwargs)
+    return counter.get_total_flops() / 2 / images.shape[0]
+
+
+def parameter_counts(method: MIMMethod) -> dict[str, int]:
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in method.named_children()}
+    counts["trainable"] = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    return counts
+
+
+def method_cost(method_name: str, model: ModelConfig, options: dict[str, Any] | None = None,
+                inference: bool = False, batch_size: int = 2, **encoder_kwargs: Any) -> dict[str, Any]:
+    """What ``leanmim cost`` prints: MACs per image (per part, total, train step) and parameters."""
+    torch.manual_seed(0)
+    method = build_method(method_name, model, options or {})
+    images = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size)
+    result: dict[str, Any] = {
+        "method": method_name, "model": model.name, "img_size": model.img_size, "patch_size": model.patch_size,
+        "options": options_to_dict(build_options(method_name, options or {})),
+        "params": parameter_counts(method),
+    }
+    if inference:
+        result["macs"] = {"encoder": count_inference(method, images, **encoder_kwargs)}
+        result["mode"] = "inference (full-image encoder forward)"
+    else:
+        macs = count_forward(method, images)
+        macs["train_step"] = count_train_step(method, images)
+        result["macs"] = macs
+        result["mode"] = "pretraining (per image)"
+    return result
+
+
+def config_cost(config: RunConfig, inference: bool = False) -> dict[str, Any]:
+    return method_cost(config.method, config.model, config.options, inference)

@@ -1,0 +1,120 @@
+"""The masked ViT encoder, built from timm's ``PatchEmbed`` and ``Block``.
+
+One encoder serves every method: MAE-style methods run it over ``[cls + visible]`` tokens,
+teachers over a chosen subset or the full image, evaluation over the full image.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from functools import partial
+
+import torch
+from timm.layers import PatchEmbed
+from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+from timm.models.vision_transformer import Block
+from torch import Tensor, nn
+
+from .tokens import gather_tokens
+
+
+def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2D sin-cos position embedding, (L, dim): half the channels encode the row, half the column."""
+    return build_sincos2d_pos_embed(list(grid_size), dim=dim, temperature=10000.0)
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE initialisation: xavier_uniform Linear weights, zero biases, LayerNorm 1/0."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.ModuleList:
+    """``depth`` timm ViT blocks (fused attention, LayerNorm eps 1e-6), drop path rising linearly."""
+    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    return nn.ModuleList(
+        Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
+              norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        for rate in rates
+    )
+
+
+class ViTEncoder(nn.Module):
+    """Vision Transformer that can run on any subset of its patch tokens.
+
+    Attributes: ``patch_embed`` (timm), ``cls_token`` (1, 1, D), ``pos_embed`` buffer (L, D),
+    ``blocks`` (timm ``Block`` list), ``norm`` (LayerNorm eps 1e-6).
+    """
+
+    def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
+                 num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+        super().__init__()
+        self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
+        self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        # Fixed, recomputed from the grid: not part of the state dict.
+        self.register_buffer("pos_embed", sincos_pos_embed(self.grid_size, embed_dim), persistent=False)
+        self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        self.apply(init_mae_weights)
+        # The patch embedding is a Linear over flattened patches: xavier on that view.
+        weight = self.patch_embed.proj.weight
+        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        nn.init.normal_(self.cls_token, std=0.02)
+
+    def embed_patches(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, L, D) patch tokens with their position embedding, grid order."""
+        return self.patch_embed(images) + self.pos_embed.to(images.dtype if images.is_floating_point() else torch.float32)
+
+    def with_cls(self, patch_tokens: Tensor) -> Tensor:
+        """(B, N, D) -> (B, 1 + N, D); the cls token's position embedding is zero."""
+        return torch.cat([self.cls_token.expand(patch_tokens.shape[0], -1, -1), patch_tokens], dim=1)
+
+    def run_blocks(self, tokens: Tensor, return_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Run all blocks then the final norm.
+
+        tokens: (B, N, D). return_layers: 1-indexed block numbers whose raw outputs to keep.
+        Returns (normed output (B, N, D), [raw output of each requested block (B, N, D)]).
+        """
+        kept = []
+        for number, block in enumerate(self.blocks, start=1):
+            tokens = block(tokens)
+            if number in return_layers:
+                kept.append(tokens)
+        return self.norm(tokens), kept
+
+    def forward_visible(self, images: Tensor, ids_keep: Tensor,
+                        return_layers: Sequence[int] = ()) -> tuple[Tensor, list[Tensor]]:
+        """Encode ``[cls + visible]``: images (B, C, H, W), ids_keep (B, K) -> (B, 1 + K, D), intermediates."""
+        visible = gather_tokens(self.embed_patches(images), ids_keep)
+        return self.run_blocks(self.with_cls(visible), return_layers)
+
+    def forward_features(self, images: Tensor) -> Tensor:
+        """The full image, as fine-tuning and feature extraction see it: (B, C, H, W) -> (B, 1 + L, D) normed."""
+        return self.run_blocks(self.with_cls(self.embed_patches(images)))[0]
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.forward_features(images)
+
+
+def pool_features(features: Tensor, pool: str = "mean") -> Tensor:
+    """(B, 1 + L, D) -> (B, D') image feature: ``cls``, ``mean`` of patch tokens, or ``cls+mean`` concatenated."""
+    if pool == "cls":
+        return features[:, 0]
+    if pool == "mean":
+        return features[:, 1:].mean(dim=1)
+    if pool == "cls+mean":
+        return torch.cat([features[:, 0], features[:, 1:].mean(dim=1)], dim=-1)
+    raise ValueError(f"unknown pooling '{pool}': use cls, mean or cls+mean")

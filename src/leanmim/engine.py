@@ -1,0 +1,300 @@
+"""The training engine: a Lightning module around a method, and the ``pretrain`` entry point.
+
+Lightning owns the loop, precision, devices (DDP/FSDP via torchrun or SLURM), checkpoints and
+logging. leanmim adds: the MAE optimiser recipe, a data order and per-step randomness that
+survive resumption and do not depend on the number of processes, and a NaN/inf guard.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, Sampler
+
+from . import __version__
+from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, read_checkpoint
+from .config import ConfigError, RunConfig
+from .data import MIMData, build_pretrain_data, default_channels, default_img_size
+from .methods import MIMMethod, build_method, build_options
+from .methods.base import options_to_dict
+from .tokens import BatchRandom
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+def bf16_supported(accelerator: str = "auto") -> bool:
+    """bf16 autocast pays off on CUDA with bf16 support and on CPUs with native bf16 (AVX512-BF16/AMX)."""
+    if accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def lightning_precision(config: RunConfig) -> str:
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(config.train.accelerator) else "32"
+    return "bf16-mixed" if precision == "bf16" else "32-true"
+
+
+def resolve_config(config: RunConfig) -> RunConfig:
+    """Fill model geometry from the data, validate the method options, pick the run directory."""
+    model = config.model.resolved(default_img_size(config.data.path), default_channels(config.data.path))
+    options = options_to_dict(build_options(config.method, config.options))
+    train = config.train
+    if train.out is None:
+        train = type(train)(**{**train.__dict__, "out": f"runs/{config.method}-{model.name}"})
+    if train.batch_size < 1 or train.accumulate_grad_batches < 1:
+        raise ConfigError("batch_size and accumulate_grad_batches must be at least 1")
+    return RunConfig(config.method, model, config.data, train, options)
+
+
+class GlobalBatchSampler(Sampler[list[int]]):
+    """Shuffled batches, identical on every process; each process takes its contiguous slice.
+
+    The order depends only on (seed, epoch), so resuming at an epoch boundary repeats the
+    uninterrupted order, and process r of W sees images [r·B, (r+1)·B) of each global batch of W·B.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        if len(self) == 0:
+            raise ConfigError(f"the dataset has {num_items} images, fewer than one global batch of "
+                              f"{batch_size * world_size}: lower --batch-size")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
+        global_batch = self.batch_size * self.world_size
+        for step in range(len(self)):
+            start = step * global_batch + self.rank * self.batch_size
+            yield order[start:start + self.batch_size].tolist()
+
+
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Learning-rate multiplier: linear warmup from 0, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def parameter_groups(method: MIMMethod, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: no weight decay on biases, norms, tokens and position embeddings (1-D or token params)."""
+    decay, no_decay = [], []
+    for name, parameter in method.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        if parameter.ndim <= 1 or "token" in name or "pos_embed" in name or "relative" in name:
+            no_decay.append(parameter)
+        else:
+            decay.append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class PretrainModule(L.LightningModule):
+    """Wraps a method: applies the batch augmentation, calls the method, logs, schedules."""
+
+    def __init__(self, config: RunConfig, batch_transform: torch.nn.Module | None = None):
+        super().__init__()
+        self.config = config
+        self.method = build_method(config.method, config.model, config.options)
+        self.batch_transform = batch_transform
+        self.total_steps = 1          # set by pretrain() once the data size is known
+        self.batches_per_epoch = 1
+        self._last_step_time: float | None = None
+
+    def forward_method(self, images: torch.Tensor, micro_step: int):
+        train = self.config.train
+        rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
+        if self.batch_transform is not None:
+            generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 7 + rank * 104_729 + 1)
+            images = self.batch_transform(images, generator=generator)
+        progress = min(1.0, self.global_step / max(1, self.total_steps))
+        return self.method(images, progress=progress, rng=BatchRandom(train.seed, micro_step, rank, world))
+
+    def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
+        output = self.forward_method(images, micro_step)
+        if not torch.isfinite(output.loss):
+            raise NonFiniteLossError(
+                f"loss became {output.loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
+                f"the last good checkpoint is untouched: lower --base-lr or set --grad-clip, then rerun to resume")
+        now = time.perf_counter()
+        if self._last_step_time is not None:
+            self.log("img_per_s", images.shape[0] * self.trainer.world_size / (now - self._last_step_time),
+                     prog_bar=True, on_step=True, on_epoch=False)
+        self._last_step_time = now
+        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
+        for name, value in output.logs.items():
+            self.log(name, value, on_step=True, on_epoch=False)
+        return output.loss
+
+    def on_train_epoch_start(self) -> None:
+        self._last_step_time = None
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.method.after_optimizer_step(min(1.0, (self.global_step + 1) / max(1, self.total_steps)))
+
+    def configure_optimizers(self):
+        train = self.config.train
+        optimizer = torch.optim.AdamW(parameter_groups(self.method, train.weight_decay), lr=self.learning_rate(),
+                                      betas=(train.beta1, train.beta2))
+        warmup = int(train.warmup_fraction * self.total_steps)
+        min_ratio = train.min_lr / self.learning_rate() if self.learning_rate() > 0 else 0.0
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, warmup, self.total_steps, min_ratio))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def learning_rate(self) -> float:
+        train = self.config.train
+        if train.lr is not None:
+            return train.lr
+        world = self.trainer.world_size if self._trainer else 1
+        return train.base_lr * train.batch_size * train.accumulate_grad_batches * world / 256
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict()}
+
+
+class PretrainData(L.LightningDataModule):
+    """Serves the pretraining images with a :class:`GlobalBatchSampler` for this process."""
+
+    def __init__(self, data: MIMData, config: RunConfig):
+        super().__init__()
+        self.data, self.config = data, config
+
+    def train_dataloader(self) -> DataLoader:
+        train = self.config.train
+        sampler = GlobalBatchSampler(len(self.data.dataset), train.batch_size, train.seed,
+                                     self.trainer.global_rank, self.trainer.world_size)
+        workers = 0 if self.data.in_memory else self.config.data.num_workers
+        return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
+                          persistent_workers=workers > 0)
+
+
+class ThroughputSummary(Callback):
+    """Counts images and wall time of the steps run in this process (for the run summary)."""
+
+    def __init__(self):
+        self.images, self.seconds, self.steps = 0, 0.0, 0
+        self._start = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.steps >= 2:  # the first steps pay one-off costs (allocation, compilation)
+            self.seconds += time.perf_counter() - self._start
+            self.images += batch.shape[0] * trainer.world_size
+        self.steps += 1
+
+
+def check_resume(run_dir: Path, config: RunConfig) -> Path | None:
+    """The run's last checkpoint when it may be resumed with ``config``; ConfigError when it belongs elsewhere."""
+    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
+    if not last.is_file():
+        return None
+    stored = RunConfig.from_dict(read_checkpoint(last)["leanmim"]["config"], source=str(last))
+    if stored.method != config.method or stored.model != config.model:
+        raise ConfigError(f"run directory '{run_dir}' holds a {stored.method}/{stored.model.name} run that does not "
+                          f"match this {config.method}/{config.model.name} configuration: choose another --out")
+    return last
+
+
+def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
+    train = config.train
+    checkpointing = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="epoch{epoch:03d}",
+                                    auto_insert_metric_name=False, save_last=True,
+                                    every_n_epochs=train.checkpoint_every_epochs or None,
+                                    save_top_k=-1 if train.checkpoint_every_epochs else 0)
+    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
+    all_callbacks = [checkpointing, *callbacks]
+    if train.progress_bar:
+        all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, train.log_every_steps)))
+    devices: Any = int(train.devices) if str(train.devices).isdigit() else train.devices
+    return L.Trainer(
+        accelerator=train.accelerator, devices=devices, num_nodes=train.num_nodes, strategy=train.strategy,
+        precision=lightning_precision(config), max_epochs=train.epochs if train.max_steps <= 0 else -1,
+        max_steps=train.max_steps, accumulate_grad_batches=train.accumulate_grad_batches,
+        gradient_clip_val=train.grad_clip, logger=loggers, callbacks=all_callbacks,
+        log_every_n_steps=train.log_every_steps, enable_progress_bar=train.progress_bar,
+        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=run_dir)
+
+
+def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
+    """Pretrain ``config.method``; resumes when the run directory has a last checkpoint.
+
+    Returns the run summary (also written to ``RUN_DIR/summary.json``).
+    """
+    config = resolve_config(config)
+    run_dir = Path(config.train.out)
+    resume_from = check_resume(run_dir, config)
+    data = build_pretrain_data(config.data.path, config.model.img_size, config.model.in_chans,
+                               crop_min_scale=config.data.crop_min_scale, hflip=config.data.hflip,
+                               max_memory_bytes=int(config.data.max_memory_gb * (1 << 30)),
+                               augment=config.data.augment)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config.save_yaml(run_dir / "config.yaml")
+
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    throughput = ThroughputSummary()
+    trainer = build_trainer(config, run_dir, [throughput, *callbacks])
+    module = PretrainModule(config, data.batch_transform)
+    if config.train.compile:
+        module.method = torch.compile(module.method)
+    per_process = config.train.batch_size * trainer.world_size
+    module.batches_per_epoch = len(data.dataset) // per_process
+    optimizer_steps_per_epoch = max(1, module.batches_per_epoch // config.train.accumulate_grad_batches)
+    module.total_steps = (config.train.max_steps if config.train.max_steps > 0
+                          else config.train.epochs * optimizer_steps_per_epoch)
+
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        trainer.fit(module, datamodule=PretrainData(data, config), ckpt_path=resume_from, weights_only=True)
+    summary = {
+        "method": config.method, "model": config.model.name, "run_dir": str(run_dir),
+        "resumed_from": str(resume_from) if resume_from else None,
+        "global_step": trainer.global_step, "epochs_completed": trainer.current_epoch,
+        "total_steps": module.total_steps, "train_seconds_this_session": round(time.perf_counter() - started, 1),
+        "images_per_second": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
+        "final_loss": float(trainer.callback_metrics.get("loss_epoch", float("nan"))),
+        "precision": lightning_precision(config), "world_size": trainer.world_size,
+        "dataset": {"name": data.name, "images": data.num_images, "skipped_files": len(data.skipped_files),
+                    "skipped_examples": data.skipped_files[:20]},
+    }
+    if trainer.is_global_zero:
+        write_summary(run_dir, summary)
+    return summary
+
+
+def write_summary(run_dir: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into ``RUN_DIR/summary.json`` (written atomically)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(updates)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(path)
+    return summary

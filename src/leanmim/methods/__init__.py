@@ -1,0 +1,6 @@
+"""Pretraining methods, one file each, registered by name (``leanmim methods`` lists them)."""
+
+from .base import METHODS, MethodOutput, MIMMethod, build_method, build_options, method_class, register_method
+from . import mae  # noqa: F401  (registers)
+
+__all__ = ["METHODS", "MethodOutput", "MIMMethod", "build_method", "build_options", "method_class", "register_method"]
