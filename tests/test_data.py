@@ -174,6 +174,13 @@ def test_folder_streaming_and_parallel_decode(tmp_path, monkeypatch):
     assert len(stream.skipped_files) == 2  # found by the statistics sample up front
     x = stream.dataset[1]
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    with pytest.warns(UserWarning):  # augment=False: deterministic evaluation view
+        plain = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3, max_memory_bytes=0, augment=False)
+        cached = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3, augment=False)
+    assert torch.equal(plain.dataset[1], plain.dataset[1]) and isinstance(cached.batch_transform, BatchEvalTransform)
+    batch = torch.stack([cached.dataset[i] for i in range(4)])
+    assert torch.equal(cached.batch_transform(batch, generator=None), cached.batch_transform(batch))
+    torch.testing.assert_close(cached.batch_transform(batch)[1], plain.dataset[1], atol=0.05, rtol=0)
     monkeypatch.setattr(D, "PARALLEL_DECODE_MIN_FILES", 0)  # decode with DataLoader workers
     with pytest.warns(UserWarning):
         parallel = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3)

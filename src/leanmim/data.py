@@ -338,7 +338,8 @@ class BatchEvalTransform(nn.Module):
         self.register_buffer("mean", _channel_buffer(mean), persistent=False)
         self.register_buffer("std", _channel_buffer(std), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``generator`` is unused; it lets callers treat this and BatchMIMAugment alike."""
         x = _unit_float(images)
         if self.crop_size is not None and self.crop_size < min(x.shape[-2:]):
             x = TF.center_crop(x, [self.crop_size, self.crop_size])
@@ -423,8 +424,8 @@ def _iter_image_files(root: str):
 def _list_images(root: str) -> list[str]:
     files = list(_iter_image_files(root))
     if not files:
-        raise DataError(f"no image files found under '{root}' (looked for "
-                        f"{', '.join(sorted(IMAGE_EXTENSIONS))}): pass a directory of images or --data fashion-mnist")
+        raise DataError(f"no image files found under '{root}' (looked for {', '.join(sorted(IMAGE_EXTENSIONS))}): "
+                        "pass a directory of images or --data fashion-mnist")
     return files
 
 
@@ -504,7 +505,8 @@ class MIMData:
     """What the pretraining engine needs.
 
     ``dataset[i]`` is uint8 (C, S, S) when ``in_memory`` (then ``batch_transform`` is a
-    BatchMIMAugment the engine applies per batch), else an augmented, normalized float
+    BatchMIMAugment, or a BatchEvalTransform without augmentation, that the engine applies
+    per batch as ``batch_transform(images, generator=...)``), else a normalized float
     (C, img_size, img_size) and ``batch_transform`` is None. ``skipped_files`` also picks up
     files a streaming dataset finds unreadable later (including in DataLoader workers).
     """
@@ -549,16 +551,25 @@ LabelledSplits.skipped_files = _live_skipped_files("train", "test")
 
 
 def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale: float = 0.2,
-                        hflip: bool = True, max_memory_bytes: int = 4 << 30) -> MIMData:
+                        hflip: bool = True, max_memory_bytes: int = 4 << 30, augment: bool = True) -> MIMData:
     """Unlabelled pretraining images from "fashion-mnist" (train split), an MNIST-format
-    directory, or an image directory (its train/ split if it has the labelled layout)."""
+    directory, or an image directory (its train/ split if it has the labelled layout).
+
+    ``augment=False`` swaps RandomResizedCrop + flip for the deterministic evaluation view
+    (BatchEvalTransform in memory; resize + centre crop when streaming).
+    """
     _check_args(img_size, in_chans)
     kind, path, name = _resolve(data)
+
+    def batch_transform(mean, std, crop_size=None) -> nn.Module:
+        if augment:
+            return BatchMIMAugment(img_size, mean, std, scale=(crop_min_scale, 1.0), hflip=hflip)
+        return BatchEvalTransform(img_size, mean, std, crop_size=crop_size)
+
     if kind == "idx":  # always in memory: the idx file is the decoded array already
         images = _idx_images(_idx_paths(path)["train_images"])
         mean, std = _idx_stats(name, images, in_chans)
-        return MIMData(TensorImages(images.expand(-1, in_chans, -1, -1)),
-                       BatchMIMAugment(img_size, mean, std, scale=(crop_min_scale, 1.0), hflip=hflip),
+        return MIMData(TensorImages(images.expand(-1, in_chans, -1, -1)), batch_transform(mean, std),
                        mean, std, len(images), [], name, True)
     layout = _labelled_layout(path)
     files = _list_images(layout[0] if layout else path)
@@ -567,11 +578,11 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
     images, files, _, skipped = _folder_images(files, path, in_chans, size, in_memory)
     mean, std = _channel_stats(images)
     if in_memory:
-        dataset, transform = TensorImages(images), BatchMIMAugment(
-            img_size, mean, std, scale=(crop_min_scale, 1.0), hflip=hflip)
+        dataset, transform = TensorImages(images), batch_transform(mean, std, crop_size=img_size)
     else:
-        dataset, transform = ImageFileDataset(
-            files, in_chans, _stream_transform(img_size, mean, std, crop_min_scale, hflip), skipped=skipped), None
+        per_sample = (_stream_transform(img_size, mean, std, crop_min_scale, hflip) if augment
+                      else _stream_eval_transform(img_size, mean, std))
+        dataset, transform = ImageFileDataset(files, in_chans, per_sample, skipped=skipped), None
     return MIMData(dataset, transform, mean, std, len(files), skipped, name, in_memory)
 
 
@@ -585,9 +596,8 @@ def build_labelled_splits(data: str, img_size: int, in_chans: int,
         return _idx_splits(path, name, img_size, in_chans)
     layout = _labelled_layout(path)
     if layout is None:
-        raise DataError(f"'{path}' has no labelled splits: probing expects {os.path.join(path, 'train')}/<class>/* "
-                        f"and {os.path.join(path, 'test')}/<class>/* (or val/); an unlabelled folder can "
-                        "only be used for pretraining")
+        raise DataError(f"'{path}' has no labelled splits: probing expects {path}/train/<class>/* and "
+                        f"{path}/test/<class>/* (or val/); an unlabelled folder can only be used for pretraining")
     train_dir, test_dir = layout
     classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
     extra = sorted(e.name for e in os.scandir(test_dir) if e.is_dir() and e.name not in classes
@@ -600,7 +610,8 @@ def build_labelled_splits(data: str, img_size: int, in_chans: int,
         files, labels = [], []
         for label, cls in enumerate(classes):
             found = list(_iter_image_files(os.path.join(split_dir, cls)))
-            files, labels = files + found, labels + [label] * len(found)
+            files.extend(found)
+            labels.extend([label] * len(found))
         if not files:
             raise DataError(f"no image files found in the class folders of '{split_dir}': put images "
                             "in <split>/<class>/ subfolders")

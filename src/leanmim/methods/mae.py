@@ -18,7 +18,7 @@ from ..config import ModelConfig, option
 from ..decoder import MaskedDecoder
 from ..encoder import ViTEncoder
 from ..losses import reconstruction_loss
-from ..tokens import BatchRandom, gather_tokens, patchify, random_masking
+from ..tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 
@@ -53,13 +53,25 @@ class MAE(MIMMethod):
         self.encoder = build_encoder(model)
         self.decoder = build_decoder(model)
 
+    def mask(self, images: Tensor, rng: BatchRandom) -> Masking:
+        """Random per-sample masking of the image's L patches."""
+        noise = rng.rand(images.shape[0], self.model_config.num_patches, device=images.device)
+        return random_masking(noise, self.options.mask_ratio)
+
+    def patch_weights(self, masking: Masking, progress: float) -> Tensor:
+        """(B, L) weight of each patch in the reconstruction loss. MAE: the mask (masked patches count equally).
+
+        Plug-ins that re-weight patches (e.g. by difficulty) override or extend this.
+        """
+        return masking.mask
+
     def forward(self, images: Tensor, progress: float = 0.0, rng: BatchRandom | None = None) -> MethodOutput:
         rng = rng or BatchRandom()
-        patches = patchify(images, self.model_config.patch_size)
-        masking = random_masking(rng.rand(images.shape[0], self.model_config.num_patches, device=images.device),
-                                 self.options.mask_ratio)
-        encoded, _ = self.encoder.forward_visible(images, masking.ids_keep)
+        patches = patchify(images, self.model_config.patch_size)                   # (B, L, p²C)
+        masking = self.mask(images, rng)
+        encoded, _ = self.encoder.forward_visible(images, masking.ids_keep)         # (B, 1+K, D)
         prediction = self.decoder(encoded, masking.ids_keep, masking.ids_masked)   # (B, L, p²C), shuffled order
         prediction = gather_tokens(prediction, masking.ids_restore)                # grid order
-        loss = reconstruction_loss(prediction, patches, masking.mask, self.options.norm_pix_loss)
+        loss = reconstruction_loss(prediction, patches, self.patch_weights(masking, progress),
+                                   self.options.norm_pix_loss)
         return MethodOutput(loss=loss, predictions=prediction, mask=masking.mask)
