@@ -142,7 +142,8 @@ class PretrainModule(L.LightningModule):
             self.log("img_per_s", images.shape[0] * self.trainer.world_size / (now - self._last_step_time),
                      prog_bar=True, on_step=True, on_epoch=False)
         self._last_step_time = now
-        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=True, sync_dist=False)
+        self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
+                 sync_dist=self.trainer.world_size > 1)  # the global mean, as one process would see it
         self.log("lr", self.optimizers().param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         for name, value in output.logs.items():
             self.log(name, value, on_step=True, on_epoch=False)

@@ -1,0 +1,91 @@
+"""Progressive token compression (PCAE, METHODS.md §2), shared by the PCAE teacher and the encoder.
+
+After selected blocks, score every droppable token by how much it looks like the sequence mean,
+
+    x̂ᵢ = xᵢ / ‖xᵢ‖,   m = mean of the x̂ᵢ,   sᵢ = ⟨m, x̂ᵢ⟩,
+
+and keep the ⌊n·ρ⌋ tokens with the *lowest* sᵢ (the least redundant ones); the rest are dropped,
+not merged. The grid position of every kept token is tracked through each stage, so callers
+know which patches survived.
+
+Two users:
+- the PCAE teacher runs over the masked patch tokens only (no cls), keep ratio ρ = 0.5 after
+  blocks 1, 5, 9 (1-indexed) of 12;
+- ``ViTEncoder.forward_features(images, token_drop=R)`` at fine-tune / inference time keeps the cls
+  token, scores the patch tokens only (DESIGN CHOICE: the mean is over patch tokens) and keeps
+  ⌊n·(1−R)⌋ of them after blocks 3, 6, 9 (1-indexed) of 12.
+
+Block numbers are 1-indexed ("after block 3" = after the third block), like ``return_layers``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import ConfigError
+from .tokens import gather_tokens
+
+# Where compression happens in a 12-block encoder (1-indexed block numbers, scaled to other depths).
+TEACHER_BLOCKS_OF_12 = (1, 5, 9)      # the authors' pretraining default: after blocks 0, 4, 8 (0-indexed)
+DOWNSTREAM_BLOCKS_OF_12 = (3, 6, 9)   # our fit of the authors' fine-tune MACs table
+
+TokenScore = Callable[[Tensor], Tensor]
+
+
+def blocks_for_depth(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Map 1-indexed block numbers given for 12 blocks to ``depth`` blocks at the same relative depth.
+
+    Same rule as ``methods.base.scaled_blocks`` (which lives above the encoder, so is not importable here).
+    """
+    return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in blocks_of_12}))
+
+
+def kept_count(num_tokens: int, keep_ratio: float) -> int:
+    """⌊n·ρ⌋ tokens survive a stage (at least one). The epsilon keeps 196·(1 − 0.3) from flooring to 136."""
+    return max(1, math.floor(num_tokens * keep_ratio + 1e-9))
+
+
+def similarity_to_mean(tokens: Tensor) -> Tensor:
+    """sᵢ = ⟨mean of the normalized tokens, normalized token i⟩: (B, N, D) -> (B, N), in fp32."""
+    normalized = F.normalize(tokens.float(), dim=-1)
+    mean = normalized.mean(dim=1, keepdim=True)
+    return (normalized * mean).sum(dim=-1)
+
+
+def keep_lowest(tokens: Tensor, ids: Tensor, scores: Tensor, count: int) -> tuple[Tensor, Tensor]:
+    """Keep the ``count`` tokens with the lowest score, lowest first.
+
+    tokens: (B, N, D); ids: (B, N) grid positions of the tokens; scores: (B, N).
+    Returns (B, count, D) tokens and their (B, count) grid positions.
+    """
+    order = torch.argsort(scores, dim=1, stable=True)[:, :count]
+    return gather_tokens(tokens, order), torch.gather(ids, 1, order)
+
+
+def run_blocks_compressed(blocks: Sequence[nn.Module], tokens: Tensor, ids: Tensor, stage_blocks: Sequence[int],
+                          keep_ratio: float, num_fixed: int = 0,
+                          score: TokenScore = similarity_to_mean) -> tuple[Tensor, Tensor]:
+    """Run ``blocks``; after each block numbered in ``stage_blocks`` keep ⌊n·ρ⌋ of the droppable tokens.
+
+    tokens: (B, num_fixed + N, D); the first ``num_fixed`` tokens (e.g. cls) are always kept and not scored.
+    ids: (B, N) grid positions of the droppable tokens. score: (B, n, D) -> (B, n), lowest kept
+    (default: similarity to the mean; pass random numbers for the random-dropping ablation).
+    Returns the raw (un-normed) output (B, num_fixed + N', D) and the kept positions (B, N').
+    """
+    for number, block in enumerate(blocks, start=1):
+        tokens = block(tokens)
+        if number in stage_blocks:
+            fixed, droppable = tokens[:, :num_fixed], tokens[:, num_fixed:]
+            droppable, ids = keep_lowest(droppable, ids, score(droppable), kept_count(droppable.shape[1], keep_ratio))
+            tokens = torch.cat([fixed, droppable], dim=1)
+    return tokens, ids
+
+
+def check_token_drop(token_drop: float) -> None:
+    if not 0.0 <= token_drop < 1.0:
+        raise ConfigError(f"token drop ratio must lie in [0, 1), got {token_drop}")
