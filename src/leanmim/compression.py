@@ -4,16 +4,16 @@ After selected blocks, score every droppable token by how much it looks like the
 
     x̂ᵢ = xᵢ / ‖xᵢ‖,   m = mean of the x̂ᵢ,   sᵢ = ⟨m, x̂ᵢ⟩,
 
-and keep the ⌊n·ρ⌋ tokens with the *lowest* sᵢ (the least redundant ones); the rest are dropped,
-not merged. The grid position of every kept token is tracked through each stage, so callers
+and keep the tokens with the *lowest* sᵢ (the least redundant ones); the rest are dropped, not
+merged. The grid position of every kept token is tracked through each stage, so callers
 know which patches survived.
 
 Two users:
 - the PCAE teacher runs over the masked patch tokens only (no cls), keep ratio ρ = 0.5 after
   blocks 1, 5, 9 (1-indexed) of 12;
 - ``ViTEncoder.forward_features(images, token_drop=R)`` at fine-tune / inference time keeps the cls
-  token, scores the patch tokens only (DESIGN CHOICE: the mean is over patch tokens) and keeps
-  ⌊n·(1−R)⌋ of them after blocks 3, 6, 9 (1-indexed) of 12.
+  token, scores the patch tokens only (DESIGN CHOICE: the mean is over patch tokens) and drops
+  ⌊n·R⌋ of them after blocks 3, 6, 9 (1-indexed) of 12 (ViT-B/16, R = 0.1: 196 → 177 → 160 → 144).
 
 Block numbers are 1-indexed ("after block 3" = after the third block), like ``return_layers``.
 """
@@ -34,7 +34,8 @@ from .tokens import gather_tokens
 TEACHER_BLOCKS_OF_12 = (1, 5, 9)      # the authors' pretraining default: after blocks 0, 4, 8 (0-indexed)
 DOWNSTREAM_BLOCKS_OF_12 = (3, 6, 9)   # our fit of the authors' fine-tune MACs table
 
-TokenScore = Callable[[Tensor], Tensor]
+TokenScore = Callable[[Tensor], Tensor]   # (B, n, D) tokens -> (B, n) scores, the lowest are kept
+KeptCount = Callable[[int], int]          # n tokens -> how many survive a stage
 
 
 def blocks_for_depth(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]:
@@ -45,9 +46,15 @@ def blocks_for_depth(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]
     return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in blocks_of_12}))
 
 
-def kept_count(num_tokens: int, keep_ratio: float) -> int:
-    """⌊n·ρ⌋ tokens survive a stage (at least one). The epsilon keeps 196·(1 − 0.3) from flooring to 136."""
-    return max(1, math.floor(num_tokens * keep_ratio + 1e-9))
+def keep_fraction(keep_ratio: float) -> KeptCount:
+    """Keep ⌊n·ρ⌋ tokens (at least one): the PCAE teacher, ρ = 0.5 gives 147 → 73 → 36 → 18."""
+    return lambda num_tokens: max(1, math.floor(num_tokens * keep_ratio + 1e-9))
+
+
+def drop_fraction(drop_ratio: float) -> KeptCount:
+    """Drop ⌊n·R⌋ tokens, keep the rest (at least one): downstream compression. The epsilon guards
+    products that are whole numbers in exact arithmetic but land just below in floating point."""
+    return lambda num_tokens: max(1, num_tokens - math.floor(num_tokens * drop_ratio + 1e-9))
 
 
 def similarity_to_mean(tokens: Tensor) -> Tensor:
@@ -68,9 +75,9 @@ def keep_lowest(tokens: Tensor, ids: Tensor, scores: Tensor, count: int) -> tupl
 
 
 def run_blocks_compressed(blocks: Sequence[nn.Module], tokens: Tensor, ids: Tensor, stage_blocks: Sequence[int],
-                          keep_ratio: float, num_fixed: int = 0,
+                          kept: KeptCount, num_fixed: int = 0,
                           score: TokenScore = similarity_to_mean) -> tuple[Tensor, Tensor]:
-    """Run ``blocks``; after each block numbered in ``stage_blocks`` keep ⌊n·ρ⌋ of the droppable tokens.
+    """Run ``blocks``; after each block numbered in ``stage_blocks`` keep ``kept(n)`` of the n droppable tokens.
 
     tokens: (B, num_fixed + N, D); the first ``num_fixed`` tokens (e.g. cls) are always kept and not scored.
     ids: (B, N) grid positions of the droppable tokens. score: (B, n, D) -> (B, n), lowest kept
@@ -81,7 +88,7 @@ def run_blocks_compressed(blocks: Sequence[nn.Module], tokens: Tensor, ids: Tens
         tokens = block(tokens)
         if number in stage_blocks:
             fixed, droppable = tokens[:, :num_fixed], tokens[:, num_fixed:]
-            droppable, ids = keep_lowest(droppable, ids, score(droppable), kept_count(droppable.shape[1], keep_ratio))
+            droppable, ids = keep_lowest(droppable, ids, score(droppable), kept(droppable.shape[1]))
             tokens = torch.cat([fixed, droppable], dim=1)
     return tokens, ids
 

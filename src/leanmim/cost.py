@@ -8,7 +8,7 @@ it; work done outside any child is reported as ``other``.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Any
+from typing import Any, Collection
 
 import torch
 from torch.utils import flop_counter
@@ -32,20 +32,33 @@ def _cpu_flash_attention_backward_flops(grad_out, query, key, value, *args, out_
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-def _flops_by_part(counter: FlopCounterMode, root: str) -> dict[str, int]:
+def _flops_by_part(counter: FlopCounterMode, root: str, split: Collection[str] = ()) -> dict[str, int]:
     """FLOPs per direct child of the root module, from the counter's per-module table.
 
     The table holds every module that ran with the FLOPs of its whole subtree, so for each
     child we add up only its outermost recorded descendants (a child may not be called
-    itself, e.g. when the method calls ``encoder.forward_visible``).
+    itself, e.g. when the method calls ``encoder.forward_visible``). Children named in
+    ``split`` are reported per entry one level down (``child.entry``).
     """
     totals = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
-    outermost = [name for name in totals if name.startswith(root + ".")
-                 and not any(name.startswith(other + ".") for other in totals if other != name and other.startswith(root + "."))]
+
+    def outermost(prefix: str) -> list[str]:
+        return [name for name in totals if name.startswith(prefix + ".")
+                and not any(name.startswith(other + ".") for other in totals if other != name and other.startswith(prefix + "."))]
+
     parts: dict[str, int] = defaultdict(int)
-    for name in outermost:
-        parts[name[len(root) + 1:].split(".")[0]] += totals[name]
+    for name in outermost(root):
+        if name[len(root) + 1:].split(".")[0] not in split:
+            parts[name[len(root) + 1:].split(".")[0]] += totals[name]
+    for child in split:
+        for name in outermost(f"{root}.{child}"):
+            parts[f"{child}.{name[len(root) + len(child) + 2:].split('.')[0]}"] += totals[name]
     return dict(parts)
+
+
+def _split_children(method: MIMMethod) -> set[str]:
+    """Direct children that are ModuleDicts (e.g. DDAE's per-depth supervision heads): reported per entry."""
+    return {name for name, child in method.named_children() if isinstance(child, torch.nn.ModuleDict)}
 
 
 def _root_name(method: MIMMethod) -> str:
@@ -56,7 +69,7 @@ def count_forward(method: MIMMethod, images: torch.Tensor) -> dict[str, float]:
     """Forward MACs per image of a training forward pass, per part plus ``total``."""
     with FlopCounterMode(display=False) as counter:
         method(images)
-    parts = _flops_by_part(counter, _root_name(method))
+    parts = _flops_by_part(counter, _root_name(method), _split_children(method))
     total = counter.get_total_flops()
     macs = {name: flops / 2 / images.shape[0] for name, flops in parts.items()}
     other = (total - sum(parts.values())) / 2 / images.shape[0]
@@ -80,6 +93,62 @@ def count_inference(method: MIMMethod, images: torch.Tensor, **encoder_kwargs: A
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         method.encoder.forward_features(images, **encoder_kwargs)
     return counter.get_total_flops() / 2 / images.shape[0]
+
+
+def peak_train_memory(method: MIMMethod, images: torch.Tensor, autocast_dtype: torch.dtype | None = None) -> int:
+    """Peak bytes torch allocates during one training step (forward + ``loss.backward()``), above what was
+    allocated when the step began, on the images' device.
+
+    Included: activations kept for backward, temporaries, and the gradients (set to None first, so the backward
+    pass allocates them). Not included: parameters, optimizer states (the optimizer is the engine's), and
+    allocator caching or fragmentation. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast.
+
+    On CUDA this is ``torch.cuda.max_memory_allocated`` minus the bytes allocated at the start. On CPU, where torch
+    keeps no such statistic, torch's profiler records every allocation and free the allocator makes during the
+    step (``profile_memory=True``); replaying them in order, the peak of the running sum is the same quantity.
+    """
+    device = images.device
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = method(images).loss
+        loss.backward()
+
+    method.zero_grad(set_to_none=True)
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            start = torch.cuda.memory_allocated(device)
+            step()
+            torch.cuda.synchronize(device)
+            return torch.cuda.max_memory_allocated(device) - start
+        return _profiled_peak_bytes(step, device)
+    finally:
+        method.zero_grad(set_to_none=True)
+
+
+def _profiled_peak_bytes(run, device: torch.device) -> int:
+    """Peak of the running sum of allocator bytes (allocations +, frees −) on ``device`` while ``run()`` runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        run()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = [node for node in walk(profiler.profiler.kineto_results.experimental_event_tree())
+              if type(node.extra_fields).__name__ == "_ExtraFields_Allocation"
+              and node.extra_fields.device.type == device.type]
+    events.sort(key=lambda node: node.start_time_ns)   # stable: same-time events keep the tree's order
+    running = peak = 0
+    for node in events:
+        running += node.extra_fields.alloc_size
+        peak = max(peak, running)
+    return peak
 
 
 def parameter_counts(method: MIMMethod) -> dict[str, int]:

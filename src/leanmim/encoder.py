@@ -16,7 +16,8 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .compression import DOWNSTREAM_BLOCKS_OF_12, blocks_for_depth, check_token_drop, run_blocks_compressed
+from .compression import (DOWNSTREAM_BLOCKS_OF_12, blocks_for_depth, check_token_drop, drop_fraction,
+                          run_blocks_compressed)
 from .tokens import gather_tokens
 
 
@@ -107,8 +108,8 @@ class ViTEncoder(nn.Module):
         """The full image, as fine-tuning and feature extraction see it: (B, C, H, W) -> (B, 1 + L', D) normed.
 
         token_drop: PCAE token compression (``compression.py``): after each block in ``drop_after``
-        (1-indexed; default 3, 6, 9 of 12, scaled to the depth) drop this fraction of the patch
-        tokens most similar to their mean; cls is kept. 0 (default): the plain encoder, L' = L.
+        (1-indexed; default 3, 6, 9 of 12, scaled to the depth) drop ⌊n·token_drop⌋ of the n patch
+        tokens, those most similar to their mean; cls is kept. 0 (default): the plain encoder, L' = L.
         """
         tokens = self.with_cls(self.embed_patches(images))
         if not token_drop:
@@ -116,7 +117,8 @@ class ViTEncoder(nn.Module):
         check_token_drop(token_drop)
         stage_blocks = blocks_for_depth(DOWNSTREAM_BLOCKS_OF_12, self.depth) if drop_after is None else drop_after
         ids = torch.arange(self.num_patches, device=tokens.device).expand(tokens.shape[0], -1)
-        tokens, _ = run_blocks_compressed(self.blocks, tokens, ids, stage_blocks, 1 - token_drop, num_fixed=1)
+        tokens, _ = run_blocks_compressed(self.blocks, tokens, ids, stage_blocks, drop_fraction(token_drop),
+                                          num_fixed=1)
         return self.norm(tokens)
 
     def forward(self, images: Tensor) -> Tensor:

@@ -109,3 +109,55 @@ def grid_coordinates(grid_size: tuple[int, int], device: torch.device | str = "c
     h, w = grid_size
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+
+
+def random_windows(noise: Tensor, window_size: int, grid_size: tuple[int, int]) -> Tensor:
+    """Grid positions of randomly placed m×m windows of patches.
+
+    noise: (B, n, 2) uniform [0, 1), one (row, col) draw per window; the window's top-left
+    patch is ⌊u·(h − m + 1)⌋, so every window lies inside the grid (windows may overlap).
+    Returns (B, n, m²) int64 grid positions, row-major inside each window.
+    """
+    h, w = grid_size
+    m = window_size
+    room = torch.tensor([h - m + 1, w - m + 1], device=noise.device)
+    corners = (noise * room).long().minimum(room - 1)                        # (B, n, 2) top-left (row, col)
+    offsets = torch.arange(m, device=noise.device)
+    rows = corners[..., 0, None, None] + offsets.view(m, 1)                  # (B, n, m, 1)
+    cols = corners[..., 1, None, None] + offsets.view(1, m)                  # (B, n, 1, m)
+    return (rows * w + cols).flatten(-2)                                     # (B, n, m²)
+
+
+def random_mask_of_size(noise: Tensor, num_masked: int) -> Tensor:
+    """(N, K) noise -> (N, K) float mask with exactly ``num_masked`` ones per row (the lowest noise)."""
+    rank = torch.argsort(torch.argsort(noise, dim=-1), dim=-1)
+    return (rank < num_masked).float()
+
+
+def furthest_point_sampling(coordinates: Tensor, ids_seed: Tensor, ids_candidates: Tensor, num_picks: int,
+                            tie_break: Tensor | None = None) -> Tensor:
+    """Greedy farthest-point sampling: pick ``num_picks`` candidates, each the one farthest from everything
+    chosen so far (the seeds included), so the picks spread evenly around the seeds.
+
+    coordinates: (L, 2) integer-valued grid (row, col) of every position, e.g. :func:`grid_coordinates`;
+    ids_seed: (B, S) positions already chosen (e.g. the visible patches; S may be 0);
+    ids_candidates: (B, M) positions that may be picked, M ≥ num_picks;
+    tie_break: (B, L) values in [0, 1) that decide between equally far candidates (deterministic for a seeded
+    ``BatchRandom``); without it the lowest grid index wins. Squared distances on an integer grid are integers,
+    so a tie-break below 1/2 never overrides a real difference.
+    Returns (B, num_picks) picked positions, in picking order. Loops over the picks, vectorised over the batch.
+    """
+    batch_size, num_positions = ids_candidates.shape[0], coordinates.shape[0]
+    squared = (coordinates[:, None] - coordinates[None]).pow(2).sum(-1)                 # (L, L), exact on a grid
+    unreachable = squared.max() + 1                                                      # farther than anything
+    farthest = torch.full((batch_size, num_positions), float("-inf"), device=coordinates.device)
+    farthest = farthest.scatter(1, ids_candidates, unreachable.expand(ids_candidates.shape))  # −inf: not pickable
+    if ids_seed.shape[1]:
+        farthest = torch.minimum(farthest, squared[ids_seed].amin(dim=1))               # distance² to nearest seed
+    tie_break = 0.5 * tie_break if tie_break is not None else torch.zeros_like(farthest)
+    picks = []
+    for _ in range(num_picks):
+        pick = (farthest + tie_break).argmax(dim=1)                                      # (B,)
+        picks.append(pick)
+        farthest = torch.minimum(farthest, squared[pick]).scatter(1, pick[:, None], float("-inf"))
+    return torch.stack(picks, dim=1) if picks else ids_candidates[:, :0]

@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compression import TEACHER_BLOCKS_OF_12, TokenScore, blocks_for_depth, run_blocks_compressed, similarity_to_mean
+from ..compression import (TEACHER_BLOCKS_OF_12, TokenScore, blocks_for_depth, keep_fraction, run_blocks_compressed,
+                           similarity_to_mean)
 from ..config import ConfigError, ModelConfig, option
 from ..losses import normalized_pixels, per_token_cosine_distance, per_token_mse, standardize_tokens
 from ..teacher import cosine_momentum, ema_update, make_teacher
@@ -108,7 +109,7 @@ class PCAE(MIMMethod):
         """
         masked_tokens = gather_tokens(self.teacher.embed_patches(images), ids_masked)      # (B, M, D)
         tokens, ids_retained = run_blocks_compressed(self.teacher.blocks, masked_tokens, ids_masked,
-                                                     self.teacher_blocks, self.options.keep_ratio,
+                                                     self.teacher_blocks, keep_fraction(self.options.keep_ratio),
                                                      score=self.drop_score(rng))
         return self.teacher.norm(tokens), ids_retained
 

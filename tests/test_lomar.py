@@ -1,0 +1,210 @@
+from functools import partial
+
+import pytest
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from conftest import tiny_model
+from leanmim.config import ConfigError
+from leanmim.cost import count_forward
+from leanmim.export import export_encoder, load_relpos_encoder
+from leanmim.losses import normalized_pixels
+from leanmim.methods import build_method
+from leanmim.relpos import CLS_BUCKET, RelPosBlock, RelPosViTEncoder, axis_bucket, relative_buckets
+from leanmim.tokens import BatchRandom, random_mask_of_size, random_windows
+
+
+def lomar(window_size=2, num_windows=3, **model):
+    torch.manual_seed(0)
+    return build_method("lomar", tiny_model(**model).resolved(), {"window_size": window_size, "num_windows": num_windows})
+
+
+def randomize_relative_tables(encoder):
+    with torch.no_grad():
+        for block in encoder.blocks:
+            block.attn.relative_table.normal_(std=0.5)
+
+
+def test_windows_are_in_bounds_contiguous_and_per_image():
+    # hand case: 5×6 grid, 3×3 window, corner (⌊0·3⌋, ⌊0.99·4⌋) = (0, 3)
+    ids = random_windows(torch.tensor([[[0.0, 0.99]]]), 3, (5, 6))
+    assert ids.tolist() == [[[3, 4, 5, 9, 10, 11, 15, 16, 17]]]
+    batch, n, m, (h, w) = 64, 4, 3, (7, 9)
+    ids = random_windows(BatchRandom(seed=1).rand(batch, n, 2), m, (h, w))
+    assert ids.shape == (batch, n, m * m) and ids.min() >= 0 and ids.max() < h * w
+    rows, cols = ids // w, ids % w
+    # each window is an m×m block: offsets from its top-left patch are exactly (0..m-1)²
+    offsets = torch.stack([rows - rows[..., :1], cols - cols[..., :1]], dim=-1)
+    expected = torch.stack(torch.meshgrid(torch.arange(m), torch.arange(m), indexing="ij"), -1).reshape(m * m, 2)
+    assert torch.equal(offsets, expected.expand_as(offsets))
+    # every top-left corner position can occur, and images do not share their windows
+    corners = ids[..., 0]
+    assert set((corners // w).flatten().tolist()) == set(range(h - m + 1))
+    assert set((corners % w).flatten().tolist()) == set(range(w - m + 1))
+    assert len({tuple(sorted(image.tolist())) for image in corners}) > batch // 2
+
+
+def test_masked_counts_per_window_are_exact():
+    mask = random_mask_of_size(torch.rand(50, 49), 39)
+    assert torch.equal(mask.sum(1), torch.full((50,), 39.0))
+    noise = torch.tensor([[0.5, 0.1, 0.9, 0.3]])
+    assert random_mask_of_size(noise, 2).tolist() == [[0.0, 1.0, 0.0, 1.0]]
+    options = lambda **values: build_method("lomar", tiny_model(img_size=28).resolved(), values).options  # noqa: E731
+    assert options().num_masked == 39                        # the authors' 39 of 49
+    assert options(window_size=5).num_masked == 20
+    assert options(window_size=4).num_masked == 12
+    # in the method: every window sequence gets exactly ⌊m²·r⌋ masked patches; with one window per
+    # image the grid mask holds exactly those, and no patch outside the window
+    method = lomar(window_size=3, num_windows=1)                      # 4×4 grid, ⌊9·0.8⌋ = 7
+    output = method(torch.randn(5, 1, 16, 16), rng=BatchRandom(seed=2))
+    assert torch.equal(output.mask.sum(1), torch.full((5,), 7.0))
+    assert output.predictions.shape == (5, 16, 16)
+    outside = output.predictions.abs().sum(-1) == 0
+    assert outside.sum(1).tolist() == [16 - 9] * 5 and not (outside & (output.mask > 0)).any()
+
+
+def test_relative_buckets_take_the_stated_values():
+    offsets = torch.arange(-6, 7)
+    assert axis_bucket(offsets).tolist() == [-3, -3, -3, -2, -2, -1, 0, 1, 2, 2, 3, 3, 3]
+    buckets = relative_buckets((3, 9))
+    assert buckets.shape == (28, 28)
+    assert (buckets[0] == CLS_BUCKET).all() and (buckets[:, 0] == CLS_BUCKET).all() and CLS_BUCKET == 49
+    patch = lambda row, col: 1 + row * 9 + col  # noqa: E731
+    center = 3 * 7 + 3
+    assert buckets[patch(1, 4), patch(1, 4)] == center
+    assert buckets[patch(0, 0), patch(1, 1)] == (3 - 1) * 7 + (3 - 1)        # Δ = (−1, −1)
+    assert buckets[patch(2, 8), patch(0, 5)] == (3 + 2) * 7 + (3 + 2)        # Δ = (2, 3) -> (2, 2)
+    assert buckets[patch(0, 0), patch(2, 8)] == (3 - 2) * 7 + (3 - 3)        # Δ = (−2, −8) -> (−2, −3)
+    assert len(relative_buckets((9, 9))[1:, 1:].unique()) == 49
+
+
+def test_block_with_zero_relative_term_equals_timm_block_and_with_it_matches_hand_attention():
+    torch.manual_seed(0)
+    dim, heads, grid = 32, 4, (3, 3)
+    ours = RelPosBlock(dim, heads).eval()
+    plain = Block(dim, heads, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
+    state = {name: value for name, value in ours.state_dict().items() if "relative" not in name}
+    plain.load_state_dict(state)
+    tokens, buckets = torch.randn(2, 10, dim), relative_buckets(grid)
+    assert torch.allclose(ours(tokens, buckets), plain(tokens), atol=1e-6)
+
+    # with a table: logits = scale · q · (k_j + r[bucket(i, j)]), the same r for every head
+    nn.init.normal_(ours.attn.relative_table)
+    attention = ours.attn
+    normed = ours.norm1(tokens)
+    q, k, v = attention.qkv(normed).reshape(2, 10, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
+    table = attention.relative_table[buckets]                                  # (N, N, d)
+    logits = attention.scale * (q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, table))
+    mixed = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, dim)
+    expected = tokens + attention.proj(mixed)
+    expected = expected + ours.mlp(ours.norm2(expected))
+    assert torch.allclose(ours(tokens, buckets), expected, atol=1e-5)
+
+
+def test_same_weights_run_on_7_14_and_24_grids_and_relative_positions_matter():
+    torch.manual_seed(0)
+    encoder = RelPosViTEncoder(28, 4, 1, 32, 2, 2).eval()
+    randomize_relative_tables(encoder)
+    state = encoder.state_dict()
+    for img_size, side in ((28, 7), (56, 14), (96, 24)):
+        images = torch.randn(2, 1, img_size, img_size)
+        resized = encoder.resized(img_size).eval()                              # loads the state dict unchanged
+        assert resized.grid_size == (side, side) and resized.img_size == img_size
+        assert state.keys() == resized.state_dict().keys()
+        features = resized.forward_features(images)
+        assert features.shape == (2, 1 + side * side, 32) and torch.isfinite(features).all()
+        assert torch.allclose(features, encoder.forward_features(images), atol=1e-6)
+    # without an absolute position embedding only the relative term tells positions apart: swapping two
+    # patches moves their features along with zero tables, and changes them with trained ones
+    images = torch.randn(1, 1, 28, 28)
+    swapped = images.clone()
+    swapped[..., :4, :4], swapped[..., 24:, 24:] = images[..., 24:, 24:], images[..., :4, :4]
+    first, last = 1, 49
+    moved = lambda enc: (enc.forward_features(images)[0, first] - enc.forward_features(swapped)[0, last]).abs().max()  # noqa: E731
+    assert moved(encoder) > 1e-3
+    for block in encoder.blocks:
+        nn.init.zeros_(block.attn.relative_table)
+    assert moved(encoder) < 1e-5
+
+
+def test_loss_equals_per_image_per_window_reference():
+    """Image b is reconstructed from its own windows (b, 0 … n−1): a loop over images and windows on the same draws."""
+    method = lomar(window_size=2, num_windows=3, img_size=12, patch_size=4, in_chans=3)     # 3×3 grid
+    randomize_relative_tables(method.encoder)
+    images = torch.randn(4, 3, 12, 12)
+    output = method(images, rng=BatchRandom(seed=7))
+
+    draws = BatchRandom(seed=7)
+    corners_noise, mask_noise = draws.rand(4, 3, 2), draws.rand(4, 3, 4)
+    encoder, p, m = method.encoder, 4, 2
+    total, count = 0.0, 0
+    for b in range(4):
+        for k in range(3):
+            top, left = (corners_noise[b, k] * 2).long().tolist()            # h − m + 1 = 2 positions per axis
+            crop = images[b:b + 1, :, top * p:(top + m) * p, left * p:(left + m) * p]
+            masked = random_mask_of_size(mask_noise[b, k:k + 1], 3)[0].bool()    # ⌊4·0.8⌋ = 3
+            tokens = encoder.patch_embed(crop)[0]
+            tokens[masked] = method.mask_token[0, 0]
+            sequence = torch.cat([encoder.cls_token[0], tokens])[None]
+            buckets = relative_buckets((m, m))
+            for block in encoder.blocks:
+                sequence = block(sequence, buckets)
+            prediction = method.head(encoder.norm(sequence))[0, 1:]
+            target = normalized_pixels(crop.reshape(3, m, p, m, p).permute(1, 3, 2, 4, 0).reshape(1, m * m, -1))[0]
+            total = total + ((prediction - target) ** 2).mean(-1)[masked].sum()
+            count += int(masked.sum())
+    assert count == 4 * 3 * 3
+    assert output.loss.item() == pytest.approx((total / count).item(), rel=1e-5)
+
+
+def test_window_must_fit_the_grid():
+    build_method("lomar", tiny_model(img_size=28).resolved(), {})             # 7×7 grid: a 7×7 window fits
+    with pytest.raises(ConfigError, match="does not fit"):
+        build_method("lomar", tiny_model(img_size=16).resolved(), {})         # 4×4 grid: it does not
+    with pytest.raises(ConfigError, match="masks no patch"):
+        build_method("lomar", tiny_model().resolved(), {"window_size": 1})
+
+
+def test_forward_macs_do_not_grow_with_resolution_and_match_hand_count():
+    model = tiny_model(img_size=16)
+    small = count_forward(lomar(window_size=3, num_windows=2, img_size=16), torch.randn(2, 1, 16, 16))
+    large = count_forward(lomar(window_size=3, num_windows=2, img_size=48), torch.randn(2, 1, 48, 48))
+    assert small == large
+    d, depth, tokens, patch_dim = model.embed_dim, model.depth, 1 + 9, 16
+    per_block = tokens * 12 * d * d + 2 * tokens * tokens * d + tokens * 50 * d   # linear, attention, relative term
+    per_window = depth * per_block + 9 * patch_dim * d                             # + patch embedding
+    assert small["encoder"] == 2 * per_window
+    assert small["head"] == 2 * 9 * d * patch_dim
+
+
+def test_a_few_optimizer_steps_lower_the_loss():
+    method = lomar(window_size=3, num_windows=2)
+    images = torch.randn(8, 1, 16, 16)
+    optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(12):
+        loss = method(images, rng=BatchRandom(seed=0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    assert all(block.attn.relative_table.abs().sum() > 0 for block in method.encoder.blocks)
+
+
+def test_export_then_load_gives_the_same_features(tmp_path):
+    method = lomar(window_size=2).eval()
+    randomize_relative_tables(method.encoder)
+    path = export_encoder(method.encoder, method.model_config, tmp_path / "encoder.safetensors")
+    loaded = load_relpos_encoder(path).eval()
+    images = torch.randn(3, 1, 16, 16)
+    assert torch.equal(loaded.forward_features(images), method.encoder.forward_features(images))
+    larger = load_relpos_encoder(path, img_size=32).eval()
+    assert larger.grid_size == (8, 8)
+    images = torch.randn(2, 1, 32, 32)
+    assert torch.allclose(larger.forward_features(images), method.encoder.forward_features(images), atol=1e-6)
+    timm_path = export_encoder(build_method("mae", tiny_model().resolved(), {}).encoder, tiny_model().resolved(),
+                               tmp_path / "mae.safetensors")
+    with pytest.raises(ConfigError, match="not a"):
+        load_relpos_encoder(timm_path)
