@@ -1,0 +1,321 @@
+"""PCAE (METHODS.md §2): token compression, the EMA teacher, retained-token decoding, cost."""
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import tiny_model
+from leanmim.compression import (blocks_for_depth, drop_fraction, keep_fraction, run_blocks_compressed,
+                                 similarity_to_mean)
+from leanmim.config import ConfigError
+from leanmim.cost import count_forward, count_train_step, method_cost, parameter_counts
+from leanmim.losses import normalized_pixels, standardize_tokens
+from leanmim.methods import build_method
+from leanmim.teacher import cosine_momentum
+from leanmim.tokens import BatchRandom, patchify
+
+
+def deep_tiny_model(**overrides):
+    """12 blocks (so the default stage placement is the paper's), L = 64 patches, tiny width."""
+    values = dict(img_size=32, patch_size=4, embed_dim=16, depth=12, num_heads=2, decoder_embed_dim=16)
+    values.update(overrides)
+    return tiny_model(**values).resolved()
+
+
+def block_input_lengths(blocks) -> tuple[list[int], list]:
+    """Forward pre-hooks recording the token count each block sees."""
+    lengths: list[int] = []
+    handles = [block.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+               for block in blocks]
+    return lengths, handles
+
+
+def make_identity(encoder) -> None:
+    """Zero every residual branch's output layer: each block then returns its input exactly."""
+    with torch.no_grad():
+        for block in encoder.blocks:
+            for layer in (block.attn.proj, block.mlp.fc2):
+                layer.weight.zero_()
+                layer.bias.zero_()
+
+
+# ---------------------------------------------------------------------------------------- compression
+
+
+def test_kept_counts_of_the_paper():
+    keep_half = keep_fraction(0.5)
+    counts = [147]
+    for _ in range(3):
+        counts.append(keep_half(counts[-1]))
+    assert counts == [147, 73, 36, 18]            # ≈ 9% of the 196 patches reconstructed
+    drop_tenth = drop_fraction(0.1)
+    assert [drop_tenth(n) for n in (196, 177, 160)] == [177, 160, 144]
+    assert drop_fraction(0.3)(100) == 70 and keep_fraction(0.7)(100) == 70   # no floating-point off-by-one
+    assert keep_fraction(0.1)(3) == 1 and drop_fraction(0.9)(1) == 1          # never empty
+    assert blocks_for_depth((1, 5, 9), 12) == (1, 5, 9) and blocks_for_depth((3, 6, 9), 24) == (6, 12, 18)
+    assert blocks_for_depth((3, 6, 9), 6) == (2, 3, 4)
+
+
+def test_least_similar_tokens_are_kept_with_their_ids():
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0])
+    # normalized: four e1, one e2, one −e1 -> mean (1/2, 1/6); scores 1/2 (e1), 1/6 (e2), −1/2 (−e1)
+    first = torch.stack([5 * e1, 3 * e2, 0.1 * e1, e1, -2 * e1, 7 * e1])
+    second = torch.stack([-e1, 2 * e1, e1, e1, e1, 4 * e2])
+    tokens = torch.stack([first, second])                          # (2, 6, 2)
+    ids = torch.tensor([[20, 21, 22, 23, 24, 25], [3, 9, 1, 0, 7, 5]])
+    scores = similarity_to_mean(tokens)
+    assert torch.allclose(scores[0], torch.tensor([0.5, 1 / 6, 0.5, 0.5, -0.5, 0.5]))
+    out, kept_ids = run_blocks_compressed([nn.Identity()], tokens, ids, (1,), keep_fraction(2 / 6))
+    assert kept_ids.tolist() == [[24, 21], [3, 5]]                  # −e1 then e2, in each image
+    assert torch.equal(out[0], torch.stack([-2 * e1, 3 * e2])) and torch.equal(out[1], torch.stack([-e1, 4 * e2]))
+    # a fixed leading token (cls) is neither scored nor dropped, even when it is the least like the mean
+    with_cls = torch.cat([torch.stack([-9 * e1, -9 * e1]).unsqueeze(1), tokens], dim=1)
+    out, kept_ids = run_blocks_compressed([nn.Identity()], with_cls, ids, (1,), keep_fraction(2 / 6), num_fixed=1)
+    assert out.shape == (2, 3, 2) and torch.equal(out[:, 0], torch.stack([-9 * e1, -9 * e1]))
+    assert kept_ids.tolist() == [[24, 21], [3, 5]]
+    # no stage after block 2 of 2: nothing dropped there
+    out, kept_ids = run_blocks_compressed([nn.Identity(), nn.Identity()], tokens, ids, (1,), keep_fraction(0.5))
+    assert kept_ids.shape == (2, 3) and kept_ids[0, :2].tolist() == [24, 21]
+
+
+def test_teacher_compresses_to_configured_counts_at_each_stage():
+    torch.manual_seed(0)
+    pcae = build_method("pcae", deep_tiny_model(), {})               # L = 64, M = 48 masked, stages after 1, 5, 9
+    assert pcae.teacher_blocks == (1, 5, 9)
+    teacher_lengths, teacher_hooks = block_input_lengths(pcae.teacher.blocks)
+    student_lengths, student_hooks = block_input_lengths(pcae.encoder.blocks)
+    decoder_lengths, decoder_hooks = block_input_lengths(pcae.decoder.blocks)
+    pcae(torch.randn(2, 1, 32, 32), rng=BatchRandom(seed=0))
+    for handle in teacher_hooks + student_hooks + decoder_hooks:
+        handle.remove()
+    assert teacher_lengths == [48] + [24] * 4 + [12] * 4 + [6] * 3
+    assert student_lengths == [17] * 12                              # the student drops nothing
+    assert decoder_lengths == [1 + 16 + 6]                           # cls, visible, the 6 retained queries
+    other = build_method("pcae", deep_tiny_model(), {"teacher_blocks": "2,3", "keep_ratio": 0.25, "mask_ratio": 0.5})
+    assert other.teacher_blocks == (2, 3)
+    lengths, hooks = block_input_lengths(other.teacher.blocks)
+    other(torch.randn(2, 1, 32, 32))
+    assert lengths == [32, 32] + [8] + [2] * 9
+
+
+def test_teacher_retained_ids_map_back_to_the_right_patches():
+    """Identity teacher blocks: a teacher token is its own embedded patch, so the answer is computable per patch."""
+    torch.manual_seed(0)
+    pcae = build_method("pcae", deep_tiny_model(depth=4), {"teacher_blocks": "1,3"})
+    make_identity(pcae.teacher)
+    images = torch.randn(3, 1, 32, 32)
+    masking = pcae.mask(images, BatchRandom(seed=1))
+    features, ids_retained = pcae.encode_teacher(images, masking.ids_masked, BatchRandom(seed=2))
+    embedded = pcae.teacher.embed_patches(images)                    # (B, L, D)
+    assert ids_retained.shape == (3, 12)                              # 48 -> 24 -> 12
+    for image in range(3):
+        # reference selection, one image at a time: stage 1 then stage 2 over the survivors
+        survivors = masking.ids_masked[image].tolist()
+        for _ in range(2):
+            unit = nn.functional.normalize(embedded[image, survivors], dim=-1)
+            score = unit @ unit.mean(dim=0)
+            survivors = [survivors[i] for i in torch.argsort(score, stable=True)[:len(survivors) // 2].tolist()]
+        assert ids_retained[image].tolist() == survivors
+        assert set(survivors) <= set(masking.ids_masked[image].tolist())
+        # the feature in row j is the teacher's normed feature of patch ids_retained[j]
+        assert torch.allclose(features[image], pcae.teacher.norm(embedded[image, survivors]), atol=1e-6)
+
+
+def test_random_dropping_keeps_the_same_counts_and_is_reproducible():
+    pcae = build_method("pcae", deep_tiny_model(depth=4), {"drop_policy": "random", "teacher_blocks": [1, 3]})
+    images = torch.randn(2, 1, 32, 32)
+    ids_masked = pcae.mask(images, BatchRandom(seed=0)).ids_masked
+    _, first = pcae.encode_teacher(images, ids_masked, BatchRandom(seed=5))
+    _, again = pcae.encode_teacher(images, ids_masked, BatchRandom(seed=5))
+    _, other = pcae.encode_teacher(images, ids_masked, BatchRandom(seed=6))
+    assert first.shape == (2, 12) and torch.equal(first, again) and not torch.equal(first, other)
+
+
+# ---------------------------------------------------------------------------------- downstream encoder
+
+
+def test_token_drop_zero_is_the_plain_encoder_bit_for_bit():
+    torch.manual_seed(0)
+    encoder = build_method("mae", deep_tiny_model(depth=4), {}).encoder
+    images = torch.randn(2, 1, 32, 32)
+    plain = encoder.run_blocks(encoder.with_cls(encoder.embed_patches(images)))[0]
+    assert torch.equal(encoder.forward_features(images), plain)
+    assert torch.equal(encoder.forward_features(images, token_drop=0.0), plain)
+    assert torch.equal(encoder(images), plain)
+    # the compressing path with no stage computes the same thing
+    assert torch.equal(encoder.forward_features(images, token_drop=0.3, drop_after=()), plain)
+
+
+@pytest.mark.parametrize("token_drop,kept", [(0.1, [64, 58, 53, 48]), (0.3, [64, 45, 32, 23]),
+                                             (0.5, [64, 32, 16, 8])])
+def test_token_drop_keeps_cls_and_the_configured_counts(token_drop, kept):
+    torch.manual_seed(0)
+    encoder = build_method("mae", deep_tiny_model(), {}).encoder
+    lengths, hooks = block_input_lengths(encoder.blocks)
+    features = encoder.forward_features(torch.randn(2, 1, 32, 32), token_drop=token_drop)
+    for handle in hooks:
+        handle.remove()
+    assert lengths == [1 + n for n in kept for _ in range(3)]       # stages after blocks 3, 6, 9
+    assert features.shape == (2, 1 + kept[-1], 16) and torch.isfinite(features).all()
+
+
+def test_token_drop_after_the_last_block_selects_rows_of_the_plain_output():
+    """Dropping after the final block changes no computation: the output is cls + the least mean-like rows."""
+    torch.manual_seed(0)
+    encoder = build_method("mae", deep_tiny_model(depth=3), {}).encoder
+    images = torch.randn(2, 1, 32, 32)
+    plain, (raw,) = encoder.run_blocks(encoder.with_cls(encoder.embed_patches(images)), return_layers=(3,))
+    compressed = encoder.forward_features(images, token_drop=0.25, drop_after=(3,))
+    order = torch.argsort(similarity_to_mean(raw[:, 1:]), dim=1, stable=True)[:, :48]
+    assert torch.equal(compressed[:, 0], plain[:, 0])
+    assert torch.equal(compressed[:, 1:], torch.gather(plain[:, 1:], 1, order.unsqueeze(-1).expand(-1, -1, 16)))
+
+
+@pytest.mark.parametrize("token_drop", [1.0, -0.1, 1.5])
+def test_bad_token_drop(token_drop):
+    encoder = build_method("mae", tiny_model().resolved(), {}).encoder
+    with pytest.raises(ConfigError, match="token drop"):
+        encoder.forward_features(torch.randn(1, 1, 16, 16), token_drop=token_drop)
+
+
+# ------------------------------------------------------------------------------------- method, teacher
+
+
+def test_predictions_and_targets_line_up_position_by_position():
+    torch.manual_seed(0)
+    pcae = build_method("pcae", deep_tiny_model(depth=4), {"target": "pixels", "teacher_blocks": "1,3"})
+    images = torch.randn(2, 1, 32, 32)
+    output = pcae(images, rng=BatchRandom(seed=3))
+    masking = pcae.mask(images, BatchRandom(seed=3))
+    encoded, _ = pcae.encoder.forward_visible(images, masking.ids_keep)
+    _, ids_retained = pcae.encode_teacher(images, masking.ids_masked, BatchRandom(seed=3))
+    prediction = pcae.predict(encoded, masking.ids_keep, ids_retained)
+    # each row belongs to its position, whatever the order the positions come in
+    reversed_ids = ids_retained.flip(1)
+    assert torch.allclose(pcae.predict(encoded, masking.ids_keep, reversed_ids), prediction.flip(1), atol=1e-5)
+    # target row j is the normalized pixel patch at ids_retained[j]; the loss is the MSE over those pairs
+    patches = normalized_pixels(patchify(images, 4))
+    target = pcae.targets(images, None, ids_retained)
+    by_hand = []
+    for image in range(2):
+        for row, patch in enumerate(ids_retained[image].tolist()):
+            assert torch.equal(target[image, row], patches[image, patch])
+            by_hand.append((prediction[image, row] - patches[image, patch]).pow(2).mean())
+    assert output.loss.item() == pytest.approx(torch.stack(by_hand).mean().item(), rel=1e-5)
+    assert output.predictions is None and torch.equal(output.mask, masking.mask)
+
+
+def test_feature_target_is_one_minus_cosine_to_standardized_teacher_features():
+    torch.manual_seed(0)
+    pcae = build_method("pcae", deep_tiny_model(depth=2), {})
+    assert pcae.decoder.head.out_features == 16                      # the encoder width D, not p²C
+    images = torch.randn(2, 1, 32, 32)
+    output = pcae(images, rng=BatchRandom(seed=4))
+    masking = pcae.mask(images, BatchRandom(seed=4))
+    encoded, _ = pcae.encoder.forward_visible(images, masking.ids_keep)
+    features, ids_retained = pcae.encode_teacher(images, masking.ids_masked, BatchRandom(seed=4))
+    prediction = pcae.predict(encoded, masking.ids_keep, ids_retained)
+    centred = features - features.mean(-1, keepdim=True)
+    target = centred / features.var(-1, unbiased=False, keepdim=True).add(1e-6).sqrt()
+    assert torch.allclose(pcae.targets(images, features, ids_retained), target, atol=1e-5)
+    cosine = (prediction * target).sum(-1) / (prediction.norm(dim=-1) * target.norm(dim=-1))
+    assert output.loss.item() == pytest.approx((1 - cosine).mean().item(), rel=1e-5)
+    assert standardize_tokens(features).shape == (2, 12, 16)
+
+
+def test_ema_teacher_starts_as_the_student_and_follows_the_momentum_formula():
+    torch.manual_seed(0)
+    pcae = build_method("pcae", tiny_model().resolved(), {"momentum_start": 0.5, "momentum_end": 1.0})
+    pairs = list(zip(pcae.teacher.parameters(), pcae.encoder.parameters()))
+    assert len(pairs) == len(list(pcae.encoder.parameters())) > 0
+    assert all(torch.equal(teacher, student) for teacher, student in pairs)
+    optimizer = torch.optim.SGD([p for p in pcae.parameters() if p.requires_grad], lr=0.5)
+    pcae(torch.randn(4, 1, 16, 16), rng=BatchRandom(seed=0)).loss.backward()
+    optimizer.step()
+    before = [teacher.clone() for teacher, _ in pairs]
+    assert any(not torch.equal(old, student) for old, (_, student) in zip(before, pairs))  # the student moved
+    pcae.after_optimizer_step(progress=0.5)                         # cosine midpoint: m = 0.75
+    momentum = cosine_momentum(0.5, 0.5, 1.0)
+    assert momentum == pytest.approx(0.75)
+    for old, (teacher, student) in zip(before, pairs):
+        assert torch.allclose(teacher, momentum * old + (1 - momentum) * student, atol=1e-7)
+    frozen = [teacher.clone() for teacher, _ in pairs]
+    pcae.after_optimizer_step(progress=1.0)                         # m = 1: the teacher no longer moves
+    assert all(torch.equal(old, teacher) for old, (teacher, _) in zip(frozen, pairs))
+    assert cosine_momentum(0.0, 0.9999, 1.0) == pytest.approx(0.9999)
+
+
+def test_teacher_gets_no_gradient_and_stays_in_eval_mode():
+    pcae = build_method("pcae", tiny_model(drop_path=0.1).resolved(), {})
+    pcae.train()
+    assert pcae.encoder.training and not pcae.teacher.training
+    assert pcae.teacher_modules() == [pcae.teacher]
+    pcae(torch.randn(2, 1, 16, 16)).loss.backward()
+    assert all(not p.requires_grad and p.grad is None for p in pcae.teacher.parameters())
+    assert all(p.grad is not None for p in pcae.encoder.blocks.parameters())
+    assert pcae.decoder.head.weight.grad is not None
+
+
+def test_a_few_steps_lower_the_loss():
+    torch.manual_seed(0)
+    for target in ("features", "pixels"):
+        pcae = build_method("pcae", tiny_model().resolved(), {"target": target})
+        optimizer = torch.optim.AdamW([p for p in pcae.parameters() if p.requires_grad], lr=2e-3)
+        images = torch.randn(4, 1, 16, 16)
+        losses = []
+        for step in range(8):
+            output = pcae(images, progress=step / 8, rng=BatchRandom(seed=0))
+            optimizer.zero_grad()
+            output.loss.backward()
+            optimizer.step()
+            pcae.after_optimizer_step(step / 8)
+            losses.append(output.loss.item())
+        assert losses[-1] < 0.8 * losses[0], (target, losses)
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"keep_ratio": 1.0}, "keep_ratio"), ({"mask_ratio": 0.0}, "mask_ratio"), ({"target": "tokens"}, "target"),
+    ({"drop_policy": "attention"}, "drop_policy"), ({"teacher_blocks": "0,3"}, "teacher_blocks"),
+    ({"momentum_start": 1.5}, "momentum_start"),
+])
+def test_bad_options(options, message):
+    with pytest.raises(ConfigError, match=message):
+        build_method("pcae", tiny_model().resolved(), options)
+
+
+# ------------------------------------------------------------------------------------------------ cost
+
+
+def test_cost_reports_parts_and_counts_the_teacher_forward_only():
+    model = tiny_model(depth=4).resolved()                          # L = 16, D = 32, M = 12 masked
+    images = torch.randn(2, 1, 16, 16)
+    early, late = (build_method("pcae", model, {"teacher_blocks": blocks}) for blocks in ("1,2", "1,4"))
+    forward_early, forward_late = count_forward(early, images), count_forward(late, images)
+    assert set(forward_early) == {"encoder", "teacher", "decoder", "total"}
+    # by hand: patch embedding of all 16 patches, then blocks over 12, 6, 3, 3 tokens (stages after 1 and 2)
+    def block(n, d=32):
+        return 12 * n * d * d + 2 * n * n * d
+    assert forward_early["teacher"] == 16 * 16 * 32 + block(12) + block(6) + 2 * block(3)
+    assert forward_late["teacher"] == 16 * 16 * 32 + block(12) + 2 * block(6) + block(6)
+    assert forward_early["encoder"] == 16 * 16 * 32 + 4 * block(5)
+    assert forward_early["total"] == forward_early["encoder"] + forward_early["teacher"] + forward_early["decoder"]
+    params = parameter_counts(early)
+    assert params["trainable"] == params["encoder"] + params["decoder"]
+    # moving a stage changes only the teacher's forward: the backward (train_step − forward) is unchanged,
+    # so the teacher is counted once, forward only
+    assert forward_early["encoder"] == forward_late["encoder"] and forward_early["decoder"] == forward_late["decoder"]
+    backward_early = count_train_step(early, images) - forward_early["total"]
+    backward_late = count_train_step(late, images) - forward_late["total"]
+    assert backward_early == backward_late
+    assert backward_early < 2.6 * (forward_early["encoder"] + forward_early["decoder"])
+
+
+def test_inference_cost_with_token_drop():
+    model = deep_tiny_model()
+    plain = method_cost("mae", model, inference=True, batch_size=1)["macs"]["encoder"]
+    dropped = method_cost("mae", model, inference=True, batch_size=1, token_drop=0.3)["macs"]["encoder"]
+    def block(n, d=16):
+        return 12 * n * d * d + 2 * n * n * d
+    embed = 64 * 16 * 16
+    assert plain == embed + 12 * block(65)
+    assert dropped == embed + 3 * (block(65) + block(46) + block(33) + block(24))
