@@ -174,14 +174,14 @@ def test_mae_plugins_reach_mae_and_a_few_steps_lower_the_loss():
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
         images = torch.randn(8, 1, 16, 16)
         losses = []
-        for step in range(8):
+        for step in range(6):
             loss = model(images, progress=0.5, rng=BatchRandom(seed=0)).loss
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            model.after_optimizer_step(step / 8)
+            model.after_optimizer_step(step / 6)
             losses.append(loss.item())
-        assert losses[-1] < 0.8 * losses[0], (method, losses)
+        assert losses[-1] < 0.7 * losses[0], (method, losses)
 
 
 def test_cost_reports_teacher_and_each_supervision_head():
