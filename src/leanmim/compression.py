@@ -39,10 +39,7 @@ KeptCount = Callable[[int], int]          # n tokens -> how many survive a stage
 
 
 def blocks_for_depth(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]:
-    """Map 1-indexed block numbers given for 12 blocks to ``depth`` blocks at the same relative depth.
-
-    Same rule as ``methods.base.scaled_blocks`` (which lives above the encoder, so is not importable here).
-    """
+    """Map 1-indexed block numbers given for 12 blocks to ``depth`` blocks at the same relative depth."""
     return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in blocks_of_12}))
 
 

@@ -87,11 +87,6 @@ def build_method(method: str, model: ModelConfig, options: dict[str, Any]) -> MI
     return method_class(method)(model, build_options(method, options))
 
 
-def scaled_blocks(blocks_of_12: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """Map block numbers given for a 12-block encoder to an encoder of ``depth`` blocks (same relative depth)."""
-    return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in blocks_of_12}))
-
-
 def check_ratio(name: str, value: float) -> None:
     if not 0.0 < value < 1.0:
         raise ConfigError(f"{name} must lie strictly between 0 and 1, got {value}")

@@ -26,7 +26,8 @@ from ..encoder import ViTEncoder
 from ..losses import reconstruction_loss
 from ..tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
 from ..weighting import depth_beta, distance_to_visible, dynamic_weights
-from .base import MethodOutput, MIMMethod, check_ratio, register_method, scaled_blocks
+from ..compression import blocks_for_depth
+from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 
 @dataclass
@@ -89,7 +90,7 @@ class MAE(MIMMethod):
         self.deep_supervision = None
         if options.deep_supervision:
             blocks_of_12 = tuple(parse_numbers("deep_supervision_blocks", options.deep_supervision_blocks, int))
-            self.supervised_blocks = scaled_blocks(blocks_of_12, model.depth)
+            self.supervised_blocks = blocks_for_depth(blocks_of_12, model.depth)
             self.supervision_weights = resolve_depth_weights(options.deep_supervision_weights, self.supervised_blocks)
             self.deep_supervision = DeepSupervision(
                 self.supervised_blocks, model.embed_dim, model.decoder_embed_dim, options.deep_supervision_decoder_depth,
