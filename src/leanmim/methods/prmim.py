@@ -48,7 +48,8 @@ class PRMIMOptions(MAEOptions):
                                                      "last_block (thrown mask tokens join only the last decoder "
                                                      "block) or none (not supervised)",
                                         choices=THROWN_RECONSTRUCTIONS)
-    aggregation_window: int = option(3, "k: a thrown token mixes the decoded tokens in its k×k box (odd, ≥ 3)")
+    aggregation_window: int = option(3, "k: a thrown token mixes the decoded tokens in its k×k box (odd, ≥ 3); with "
+                                        "none there it copies the nearest decoded token")
     aggregation_weights: str = option("distance", "mixing weights: distance (fixed softmax over −distance) or "
                                                   "learned (k² offset logits, initialised to −distance)",
                                       choices=AGGREGATION_WEIGHTS)
@@ -97,9 +98,9 @@ class PRMIM(MAE):
             prediction = self.decoder.head(features)[:, 1:]
             return torch.cat([prediction, prediction.new_zeros(ids_thrown.shape + prediction.shape[-1:])], dim=1)
         ids_decoded = torch.cat([ids_visible, ids_kept], dim=1)                           # (B, K+Q)
-        thrown = self.progressive(features[:, 1:], ids_decoded, ids_thrown)               # (B, T, D_d)
+        thrown_features = self.progressive(features[:, 1:], ids_decoded, ids_thrown)      # (B, T, D_d)
         # one head call over cls too, as MAE does (so throw 0 is MAE to the bit)
-        return self.decoder.head(torch.cat([features, thrown], dim=1))[:, 1:]
+        return self.decoder.head(torch.cat([features, thrown_features], dim=1))[:, 1:]
 
     def forward(self, images: Tensor, progress: float = 0.0, rng: BatchRandom | None = None) -> MethodOutput:
         rng = rng or BatchRandom()
