@@ -99,11 +99,47 @@ def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str
 
 
 def export(run: str | Path, out: str | Path) -> Path:
-    """Write the run's encoder as timm-loadable safetensors."""
+    """Write the run's encoder as timm-loadable safetensors (a fine-tuning result: encoder, fc_norm and head)."""
     from .export import export_encoder
+    from .finetune import export_finetuned, read_finetune_entry
 
+    if read_finetune_entry(run) is not None:
+        return export_finetuned(run, out)
     loaded = load_run(run)
     return export_encoder(loaded.method.encoder, loaded.config.model, out)
+
+
+def finetune(run: str | Path, callbacks=(), **settings: Any) -> dict[str, Any]:
+    """Fine-tune a run's encoder for classification (MAE protocol), like ``leanmim finetune``.
+
+    ``settings`` are :class:`leanmim.finetune.FinetuneConfig` fields (epochs, batch_size, base_lr, lr,
+    token_drop, out, precision, …). Rerunning with the same ``out`` resumes. Returns the results
+    (best and last test top-1, accuracy per epoch), also written to ``OUT/finetune.json``.
+    """
+    from .finetune import FinetuneConfig, finetune as run_finetuning
+
+    return run_finetuning(run, FinetuneConfig.from_dict(settings, "finetune settings"), callbacks)
+
+
+def bench(methods: str | list[str] | None = None, model: str = "vit_base_patch16", img_size: int = 224,
+          patch_size: int | None = None, in_chans: int = 3, steps: int = 10, batch_size: int = 32,
+          precision: str = "auto", warmup_steps: int = 2, options: dict[str, dict[str, Any]] | None = None,
+          model_overrides: dict[str, Any] | None = None, device: str = "auto",
+          plot: str | Path | None = None) -> dict[str, Any]:
+    """Counted MACs, measured training img/s and peak memory of methods side by side, each relative to MAE,
+    like ``leanmim bench``. ``methods``: names or a comma-separated string (default: every registered method);
+    ``options``: per-method option overrides; ``plot``: also draw a PNG bar chart there."""
+    from .bench import bench as run_bench, save_bench_plot
+
+    model_config = ModelConfig(name=model, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                               **(model_overrides or {})).resolved()
+    if isinstance(methods, str):
+        methods = [name.strip() for name in methods.split(",") if name.strip()]
+    result = run_bench(methods, model_config, steps=steps, batch_size=batch_size, precision=precision,
+                       warmup_steps=warmup_steps, options=options, device=device)
+    if plot is not None:
+        result["plot"] = str(save_bench_plot(result, plot))
+    return result
 
 
 def cost(method: str = "mae", model: str = "vit_base_patch16", img_size: int = 224, patch_size: int | None = None,

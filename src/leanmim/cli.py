@@ -154,6 +154,54 @@ def command_methods(args) -> int:
     return 0
 
 
+def command_finetune(args) -> int:
+    from . import api
+    settings = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("finetune.")}
+    results = api.finetune(args.run, **settings)
+    if args.json:
+        print(json.dumps(results))
+    elif results["best_top1"] is None:
+        print(f"nothing to do: no epoch evaluated, output directory {results['out']}")
+    else:
+        print(f"fine-tuned {results['method']} encoder, {results['epochs_completed']} epochs: test top-1 "
+              f"best {100 * results['best_top1']:.2f}%, last {100 * results['last_top1']:.2f}%; "
+              f"output directory {results['out']}")
+    return 0
+
+
+def parse_method_options(items: list[str] | None) -> dict[str, dict[str, str]]:
+    """['lomar.window_size=5', …] -> {'lomar': {'window_size': '5'}}."""
+    options: dict[str, dict[str, str]] = {}
+    for item in items or []:
+        target, _, value = item.partition("=")
+        method, _, name = target.partition(".")
+        if not (value and method and name):
+            raise ConfigError(f"--option expects METHOD.NAME=VALUE, got '{item}'")
+        options.setdefault(method, {})[name.replace("-", "_")] = value
+    return options
+
+
+def command_bench(args) -> int:
+    from . import api
+    from .bench import format_bench_table
+    model = dataclasses.asdict(RunConfig.load_yaml(args.config).model) if args.config else {}
+    given = {"name": args.model, "img_size": args.img_size, "patch_size": args.patch_size, "in_chans": args.in_chans}
+    model.update({key: value for key, value in given.items() if value is not None})
+    name, img_size = model.pop("name", "vit_base_patch16"), model.pop("img_size", None) or 224
+    patch_size, in_chans = model.pop("patch_size", None), model.pop("in_chans", None) or 3
+    result = api.bench(args.methods, model=name, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
+                       steps=args.steps, batch_size=args.batch_size, precision=args.precision,
+                       warmup_steps=args.warmup_steps, options=parse_method_options(args.option),
+                       model_overrides=model, device=args.device, plot=args.out)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_bench_table(result))
+        if args.out:
+            print(f"plot: {result['plot']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="leanmim", description="Masked image modeling pretraining for ViTs at low compute.")
     parser.add_argument("--version", action="version", version=f"leanmim {__version__}")
@@ -204,6 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
     methods = commands.add_parser("methods", help="list methods and their options")
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(handler=command_methods)
+
+    from .finetune import FinetuneConfig
+    finetune = commands.add_parser("finetune", help="fine-tune a run's encoder for classification "
+                                                    "(MAE protocol; resumes a fine-tuning found in --out)")
+    finetune.add_argument("run", help="pretraining run directory or checkpoint")
+    group = finetune.add_argument_group("fine-tuning")
+    for field in dataclasses.fields(FinetuneConfig):
+        add_field_flag(group, field, f"finetune.{field.name}")
+    finetune.add_argument("--json", action="store_true", help="print the results as one JSON object")
+    finetune.set_defaults(handler=command_finetune)
+
+    bench = commands.add_parser("bench", help="MACs, training img/s and peak memory of methods, relative to MAE")
+    bench.add_argument("--methods", help="comma-separated methods [default: all registered; mae is always included]")
+    bench.add_argument("--config", help="take the model section from this YAML (flags override it)")
+    bench.add_argument("--model", help="encoder preset [vit_base_patch16]")
+    bench.add_argument("--img-size", type=int, help="image size [224]")
+    bench.add_argument("--patch-size", type=int, help="patch size [the preset's]")
+    bench.add_argument("--in-chans", type=int, help="image channels [3]")
+    bench.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",
+                       help="a method option, e.g. lomar.window_size=5 (repeatable)")
+    bench.add_argument("--steps", type=int, default=10, help="timed training steps per method [10]")
+    bench.add_argument("--warmup-steps", type=int, default=2, help="untimed steps per method first [2]")
+    bench.add_argument("--batch-size", type=int, default=32, help="images per step [32]")
+    bench.add_argument("--precision", default="auto", choices=("auto", "bf16", "32"),
+                       help="bf16 autocast or fp32 [auto: bf16 where the hardware supports it]")
+    bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto: cuda if available]")
+    bench.add_argument("--out", help="also draw a PNG bar chart to this file")
+    bench.add_argument("--json", action="store_true", help="print one JSON object")
+    bench.set_defaults(handler=command_bench)
     return parser
 
 
