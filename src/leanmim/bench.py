@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
+from .encoder import training_attention
 from .config import ConfigError, ModelConfig
 from .cost import method_cost, peak_train_memory
 from .engine import bf16_supported, parameter_groups
@@ -76,7 +77,8 @@ class Stepper:
         synchronize = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         synchronize()
         start = time.perf_counter()
-        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
+                training_attention(self.method.model_config.num_patches + 1, device):
             loss = self.method(self.images, rng=BatchRandom(0, self.steps_done)).loss
         loss.backward()
         self.optimizer.step()

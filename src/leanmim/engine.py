@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, read_checkpoint
 from .config import ConfigError, RunConfig
+from .encoder import training_attention
 from .data import MIMData, build_pretrain_data, default_channels, default_img_size
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
@@ -128,7 +129,8 @@ class PretrainModule(L.LightningModule):
             generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 7 + rank * 104_729 + 1)
             images = self.batch_transform(images, generator=generator)
         progress = min(1.0, self.global_step / max(1, self.total_steps))
-        return self.method(images, progress=progress, rng=BatchRandom(train.seed, micro_step, rank, world))
+        with training_attention(self.config.model.num_patches + 1, images.device):
+            return self.method(images, progress=progress, rng=BatchRandom(train.seed, micro_step, rank, world))
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
         micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
