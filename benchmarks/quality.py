@@ -65,6 +65,12 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "pcae": {},    # teacher compression blocks are rescaled to the 8-block encoder by the method
     "ddae": {},    # supervised blocks are rescaled to the 8-block encoder by the method
 }
+# Ablation variants: NAME -> (registered method, options). Pass them in --methods like a method.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "mae+dynamic": ("mae", {"dynamic_weighting": True}),                 # DDAE's weighting alone
+    "mae+deep": ("mae", {"deep_supervision": True}),                     # DDAE's deep supervision alone
+    "prmim-plain": ("prmim", {"throw_selection": "random", "thrown_reconstruction": "none"}),  # plain partial
+}
 
 
 def log(message: str) -> None:
@@ -103,7 +109,8 @@ def base_config(config_path: Path, data: str) -> RunConfig:
 
 
 def run_config(base: RunConfig, method: str, seed: int, out: Path, **train: Any) -> RunConfig:
-    return dataclasses.replace(base, method=method, options=dict(METHOD_OPTIONS.get(method, {})),
+    method, options = VARIANTS.get(method, (method, METHOD_OPTIONS.get(method, {})))
+    return dataclasses.replace(base, method=method, options=dict(options),
                                train=dataclasses.replace(base.train, seed=seed, out=str(out), **train))
 
 
@@ -140,12 +147,12 @@ def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args
     earlier = read_json(run_dir / "train_seconds.json") if summary["resumed_from"] else None
     train_seconds = (earlier or {"seconds": 0.0})["seconds"] + summary["train_seconds_this_session"]
     write_json(run_dir / "train_seconds.json", {"seconds": train_seconds})
-    cost = api.cost(method, config.model.name, config.model.img_size, config.model.patch_size, config.model.in_chans,
+    cost = api.cost(config.method, config.model.name, config.model.img_size, config.model.patch_size, config.model.in_chans,
                     config.options, model_overrides={k: v for k, v in dataclasses.asdict(config.model).items()
                                                      if k not in ("name", "img_size", "patch_size", "in_chans")})
     images_seen = summary["global_step"] * base.train.batch_size
     log(f"{method} seed {seed}: probing")
-    probe = api.probe(run_dir, linear_epochs=args.linear_epochs, seed=seed)
+    probe = api.probe(run_dir, linear_epochs=args.linear_epochs, seed=seed, pool=args.pool)
     finetune = None
     if args.finetune_epochs > 0:
         log(f"{method} seed {seed}: fine-tuning {args.finetune_epochs} epoch(s)")
@@ -171,7 +178,8 @@ def evaluate_baselines(data: str, seeds: list[int], reference_run: Path, args) -
     baselines = {"raw pixels": [{"seed": seeds[0], "knn_top1": raw["knn_top1"], "linear_top1": raw["linear_top1"]}],
                  "random encoder": []}
     for seed in seeds:
-        random = api.probe(reference_run, baseline="random", linear_epochs=args.linear_epochs, seed=seed)
+        random = api.probe(reference_run, baseline="random", linear_epochs=args.linear_epochs, seed=seed,
+                           pool=args.pool)
         baselines["random encoder"].append({"seed": seed, "knn_top1": random["knn_top1"],
                                             "linear_top1": random["linear_top1"]})
     return baselines
@@ -270,6 +278,7 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="model and training recipe")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of the calibration run per method")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (0: skip)")
+    parser.add_argument("--pool", default="tokens", help="probe feature (see leanmim probe --pool) [tokens]")
     parser.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs")
     parser.add_argument("--subset", help="TRAIN,TEST: use only the first images of each split (smoke runs)")
     parser.add_argument("--work", default=str(REPO / "runs" / "quality"), help="run directories")
@@ -277,7 +286,7 @@ def main() -> None:
     args = parser.parse_args()
 
     methods = [name.strip() for name in args.methods.split(",") if name.strip()]
-    unknown = [name for name in methods if name not in METHODS]
+    unknown = [name for name in methods if name not in METHODS and name not in VARIANTS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}: registered are {', '.join(sorted(METHODS))}")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]

@@ -50,7 +50,8 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
     if loaded:
         model = loaded.config.model
     else:
-        model = ModelConfig().resolved(default_img_size(data), default_channels(data))
+        size = default_img_size(data) or 224
+        model = ModelConfig(img_size=size, patch_size=size).resolved(size, default_channels(data))  # raw pixels: geometry only
     splits = build_labelled_splits(data, model.img_size, model.in_chans)
 
     if baseline == "raw":

@@ -59,6 +59,9 @@ def load_run(path: str | Path, expect_method: str | None = None, expect_model: s
     """Rebuild the method of a run and load its weights; mismatches give a one-line ConfigError."""
     checkpoint_path = find_checkpoint(path)
     checkpoint = read_checkpoint(checkpoint_path)
+    if "finetune" in checkpoint["leanmim"]:
+        raise ConfigError(f"'{checkpoint_path}' is a fine-tuning checkpoint: pass the pretraining run instead "
+                          f"('leanmim export' accepts both)")
     config = RunConfig.from_dict(checkpoint["leanmim"]["config"], source=str(checkpoint_path))
     if expect_method and expect_method != config.method:
         raise ConfigError(f"checkpoint '{checkpoint_path}' belongs to method '{config.method}', not '{expect_method}'")

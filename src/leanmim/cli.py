@@ -129,8 +129,22 @@ def command_cost(args) -> int:
         name, value = item.split("=", 1)
         options[name.replace("-", "_")] = value
     encoder_kwargs = {"token_drop": args.token_drop} if args.token_drop is not None else {}
-    result = api.cost(args.method, args.model, args.img_size, args.patch_size, args.in_chans, options,
-                      inference=args.inference, **encoder_kwargs)
+    model_overrides = {key: getattr(args, key) for key in ("embed_dim", "depth", "num_heads", "decoder_embed_dim",
+                                                           "decoder_depth", "decoder_num_heads")
+                       if getattr(args, key) is not None}
+    method, model, img_size, patch_size, in_chans = args.method, args.model, args.img_size, args.patch_size, args.in_chans
+    if args.config:  # a run's config.yaml: its method, model and options, unless given on the command line
+        config = RunConfig.load_yaml(args.config)
+        method = args.method or config.method
+        options = {**(config.options if method == config.method else {}), **options}
+        known = {key: value for key, value in vars(config.model).items() if value is not None}
+        model, img_size = args.model or known.pop("name"), args.img_size or known.pop("img_size", None)
+        patch_size, in_chans = args.patch_size or known.pop("patch_size", None), args.in_chans or known.pop("in_chans", None)
+        model_overrides = {**{k: v for k, v in known.items() if k in ("embed_dim", "depth", "num_heads", "mlp_ratio",
+                                                                      "decoder_embed_dim", "decoder_depth",
+                                                                      "decoder_num_heads")}, **model_overrides}
+    result = api.cost(method or "mae", model or "vit_base_patch16", img_size or 224, patch_size, in_chans or 3,
+                      options, inference=args.inference, model_overrides=model_overrides, **encoder_kwargs)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -216,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("run", nargs="?", help="run directory or checkpoint")
     probe.add_argument("--data", help="labelled data (default: the run's)")
     probe.add_argument("--baseline", choices=("random", "raw"), help="probe a random encoder or raw pixels instead")
-    probe.add_argument("--pool", default="mean", choices=("mean", "cls", "cls+mean"), help="image feature [mean]")
+    probe.add_argument("--pool", default="mean", choices=("mean", "cls", "cls+mean", "tokens"),
+                       help="image feature: mean of patch tokens, cls token, both, or all patch tokens flattened [mean]")
     probe.add_argument("--k", type=int, default=20, help="kNN neighbours [20]")
     probe.add_argument("--temperature", type=float, default=0.07, help="kNN temperature [0.07]")
     probe.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs [100]")
@@ -238,11 +253,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.set_defaults(handler=command_export)
 
     cost = commands.add_parser("cost", help="count MACs per image and parameters")
-    cost.add_argument("--method", default="mae")
-    cost.add_argument("--model", default="vit_base_patch16")
-    cost.add_argument("--img-size", type=int, default=224)
+    cost.add_argument("--config", help="count the model and method of a run's config.yaml")
+    cost.add_argument("--method", help="[default: mae]")
+    cost.add_argument("--model", help="[default: vit_base_patch16]")
+    cost.add_argument("--img-size", type=int, help="[default: 224]")
     cost.add_argument("--patch-size", type=int)
-    cost.add_argument("--in-chans", type=int, default=3)
+    cost.add_argument("--in-chans", type=int, help="[default: 3]")
+    for flag in ("embed-dim", "depth", "num-heads", "decoder-embed-dim", "decoder-depth", "decoder-num-heads"):
+        cost.add_argument(f"--{flag}", type=int, help="override the preset")
     cost.add_argument("--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
     cost.add_argument("--inference", action="store_true", help="count the plain full-image encoder forward")
     cost.add_argument("--token-drop", type=float, help="with --inference: token compression drop ratio per stage")

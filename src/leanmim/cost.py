@@ -7,6 +7,7 @@ it; work done outside any child is reported as ``other``.
 
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 from typing import Any, Collection
 
@@ -14,10 +15,9 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ModelConfig, RunConfig
-from .methods import MIMMethod, build_method
+from .config import ConfigError, ModelConfig, RunConfig
+from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
-from .methods import build_options
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU flash kernel that
@@ -90,6 +90,11 @@ def count_train_step(method: MIMMethod, images: torch.Tensor) -> float:
 
 def count_inference(method: MIMMethod, images: torch.Tensor, **encoder_kwargs: Any) -> float:
     """MACs per image of the plain full-image encoder forward (fine-tuning, feature extraction)."""
+    accepted = inspect.signature(method.encoder.forward_features).parameters
+    unsupported = [name for name in encoder_kwargs if name not in accepted]
+    if unsupported:
+        raise ConfigError(f"the {method.name} encoder does not support {', '.join(unsupported)} "
+                          f"(token compression needs the absolute-position ViT encoder)")
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         method.encoder.forward_features(images, **encoder_kwargs)
     return counter.get_total_flops() / 2 / images.shape[0]

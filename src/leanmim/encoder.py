@@ -141,11 +141,18 @@ class ViTEncoder(nn.Module):
 
 
 def pool_features(features: Tensor, pool: str = "mean") -> Tensor:
-    """(B, 1 + L, D) -> (B, D') image feature: ``cls``, ``mean`` of patch tokens, or ``cls+mean`` concatenated."""
+    """(B, 1 + L, D) -> (B, D') image feature.
+
+    ``cls``; ``mean`` of patch tokens; ``cls+mean`` concatenated; ``tokens``: every patch token in grid
+    order, flattened (B, L·D) — keeps the spatial layout, which matters for small aligned images
+    such as Fashion-MNIST, at the price of L·D-dimensional features.
+    """
     if pool == "cls":
         return features[:, 0]
     if pool == "mean":
         return features[:, 1:].mean(dim=1)
     if pool == "cls+mean":
         return torch.cat([features[:, 0], features[:, 1:].mean(dim=1)], dim=-1)
-    raise ValueError(f"unknown pooling '{pool}': use cls, mean or cls+mean")
+    if pool == "tokens":
+        return features[:, 1:].flatten(1)
+    raise ValueError(f"unknown pooling '{pool}': use cls, mean, cls+mean or tokens")
