@@ -58,9 +58,9 @@ REPO = Path(__file__).resolve().parent.parent
 # Options for the 7 × 7 patch grid of 28 px images (every other option: the method's default).
 METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "mae": {},
-    # A 4 × 4 window covers 16/49 ≈ 1/3 of the grid, the closest to the paper's 7 × 7 of 14 × 14 (1/4) at 224 px;
-    # the default window 7 would be the whole image. ⌊16 · 0.8⌋ = 12 patches masked per window.
-    "lomar": {"window_size": 4},
+    # A 5 × 5 window (25 of the 49 patches, ⌊25 · 0.8⌋ = 20 masked) is the smallest whose offsets reach the saturated
+    # |Δ| ≥ 4 position bucket that the full 7 × 7 grid uses at evaluation; the default 7 would be the whole image.
+    "lomar": {"window_size": 5},
     "prmim": {},   # 3 × 3 aggregation window: fits the 7 × 7 grid
     "pcae": {},    # teacher compression blocks are rescaled to the 8-block encoder by the method
     "ddae": {},    # supervised blocks are rescaled to the 8-block encoder by the method
