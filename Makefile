@@ -23,8 +23,8 @@ data:
 
 demo: setup data
 	$(BIN)/leanmim pretrain --config configs/demo.yaml --out $(DEMO_RUN)
-	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens
-	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens --baseline random
+	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens --linear-epochs 30
+	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens --linear-epochs 30 --baseline random
 	$(BIN)/leanmim probe $(DEMO_RUN) --baseline raw
 	$(BIN)/leanmim reconstruct $(DEMO_RUN) --out $(DEMO_RUN)/reconstruction.png
 	@echo "summary: $(DEMO_RUN)/summary.json  picture: $(DEMO_RUN)/reconstruction.png"
