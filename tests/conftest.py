@@ -53,6 +53,22 @@ def tiny_model(**overrides) -> ModelConfig:
     return ModelConfig(**values)
 
 
+def train_steps(method, images, steps: int = 12, lr: float = 2e-3) -> list[float]:
+    """AdamW steps on one fixed batch (same masking each step); the losses, for 'a few steps lower the loss' tests."""
+    import torch
+    from leanmim.tokens import BatchRandom
+
+    optimizer = torch.optim.AdamW(method.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = method(images, rng=BatchRandom(seed=0)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def tiny_run_config(data: Path, out: Path, method: str = "mae", options=None, **train) -> RunConfig:
     train_values = dict(out=str(out), epochs=2, batch_size=32, base_lr=1e-3, warmup_fraction=0.1,
                         precision="32", progress_bar=False, log_every_steps=1, seed=0)

@@ -5,7 +5,7 @@ import torch
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from conftest import tiny_model
+from conftest import tiny_model, train_steps
 from leanmim.config import ConfigError
 from leanmim.cost import count_forward
 from leanmim.export import export_encoder, load_relpos_encoder
@@ -180,15 +180,7 @@ def test_forward_macs_do_not_grow_with_resolution_and_match_hand_count():
 
 def test_a_few_optimizer_steps_lower_the_loss():
     method = lomar(window_size=3, num_windows=2)
-    images = torch.randn(8, 1, 16, 16)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=2e-3)
-    losses = []
-    for _ in range(12):
-        loss = method(images, rng=BatchRandom(seed=0)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(method, torch.randn(8, 1, 16, 16), steps=12, lr=2e-3)
     assert losses[-1] < 0.7 * losses[0]
     assert all(block.attn.relative_table.abs().sum() > 0 for block in method.encoder.blocks)
 

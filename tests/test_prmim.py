@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import tiny_model, train_steps
 from leanmim.config import ConfigError
 from leanmim.cost import _profiled_peak_bytes, count_forward, peak_train_memory
 from leanmim.methods import build_method
@@ -206,15 +206,7 @@ def test_last_block_variant_lets_thrown_tokens_join_only_the_last_block():
 def test_a_few_optimizer_steps_lower_the_loss(mode):
     torch.manual_seed(0)
     method = build_method("prmim", tiny_model().resolved(), {"thrown_reconstruction": mode})
-    images = torch.randn(8, 1, 16, 16)
-    optimizer = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(12):
-        loss = method(images, rng=BatchRandom(seed=0)).loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = train_steps(method, torch.randn(8, 1, 16, 16), steps=12, lr=3e-3)
     assert losses[-1] < 0.8 * losses[0]
 
 

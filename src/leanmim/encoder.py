@@ -52,6 +52,15 @@ def init_mae_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def init_encoder_weights(encoder: nn.Module) -> None:
+    """MAE initialisation of a ViT encoder with ``patch_embed`` and ``cls_token``."""
+    encoder.apply(init_mae_weights)
+    # The patch embedding is a Linear over flattened patches: xavier on that view.
+    weight = encoder.patch_embed.proj.weight
+    nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+    nn.init.normal_(encoder.cls_token, std=0.02)
+
+
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.ModuleList:
     """``depth`` timm ViT blocks (fused attention, LayerNorm eps 1e-6), drop path rising linearly."""
     rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
@@ -85,11 +94,7 @@ class ViTEncoder(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        self.apply(init_mae_weights)
-        # The patch embedding is a Linear over flattened patches: xavier on that view.
-        weight = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        init_encoder_weights(self)
 
     def embed_patches(self, images: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, L, D) patch tokens with their position embedding, grid order."""

@@ -28,7 +28,7 @@ from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .encoder import init_mae_weights
+from .encoder import init_encoder_weights
 from .tokens import grid_coordinates
 
 # |Δ| = 0, 1, 2, 3, ≥4  ->  0, 1, 2, 2, 3 (per axis, sign kept)
@@ -123,10 +123,7 @@ class RelPosViTEncoder(nn.Module):
 
     def initialize_weights(self) -> None:
         """MAE initialisation (as ViTEncoder); relative tables start at zero."""
-        self.apply(init_mae_weights)
-        weight = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        nn.init.normal_(self.cls_token, std=0.02)
+        init_encoder_weights(self)
 
     def architecture(self) -> dict:
         """Keyword arguments that rebuild this encoder (export metadata)."""
