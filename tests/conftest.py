@@ -41,6 +41,17 @@ def make_tiny_idx_dataset(root: Path, size: int = 16, num_train: int = 128, num_
     return root
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """Tiny models run faster on one thread, and much more steadily on a loaded machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     return make_tiny_idx_dataset(tmp_path_factory.mktemp("tiny-idx"))

@@ -20,13 +20,7 @@ TINY_FLAGS = ["--img-size", "28", "--patch-size", "4", "--in-chans", "1", "--pre
               "--warmup-steps", "0", "--batch-size", "2"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much more steadily on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def test_bench_measures_every_registered_method(tmp_path):

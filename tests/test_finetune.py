@@ -21,13 +21,7 @@ FAST = dict(batch_size=32, lr=3e-3, precision="32", progress_bar=False, log_ever
 UNINTERRUPTED = dict(epochs=4, drop_path=0.0, **FAST)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny models run faster on one thread, and much more steadily on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class StopAfterEpoch(L.Callback):
