@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from .checkpoint import LoadedRun, load_run
+from .checkpoint import load_run
 from .config import ConfigError, ModelConfig, RunConfig
 from .encoder import pool_features
 

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
 from . import __version__
 from .config import SECTIONS, ConfigError, RunConfig, field_type

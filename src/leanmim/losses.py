@@ -5,7 +5,6 @@ Per-token losses are returned as (B, N) so that methods can weight tokens before
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
