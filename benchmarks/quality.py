@@ -134,10 +134,24 @@ def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: 
     return plan
 
 
+def finetune_figures(run_dir: Path, method: str, seed: int, args) -> dict[str, Any]:
+    """Fine-tune the run's encoder for ``--finetune-epochs`` (MAE protocol); its own directory per epoch count."""
+    if args.finetune_epochs <= 0:
+        return {"finetune_epochs": 0, "finetune_top1": None, "finetune_best_top1": None}
+    log(f"{method} seed {seed}: fine-tuning {args.finetune_epochs} epoch(s)")
+    result = api.finetune(run_dir, out=str(run_dir / f"finetune-{args.finetune_epochs}ep"), epochs=args.finetune_epochs,
+                          seed=seed, progress_bar=False, log_every_steps=50)
+    return {"finetune_epochs": args.finetune_epochs, "finetune_top1": result["last_top1"],
+            "finetune_best_top1": result["best_top1"], "finetune_seconds": result.get("train_seconds")}
+
+
 def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args, num_images: int) -> dict[str, Any]:
     cached = read_json(run_dir / "quality.json")
     if cached is not None:
         log(f"{method} seed {seed}: done before, reusing {run_dir / 'quality.json'}")
+        if args.finetune_epochs > 0 and cached.get("finetune_epochs") != args.finetune_epochs:
+            cached.update(finetune_figures(run_dir, method, seed, args))
+            write_json(run_dir / "quality.json", cached)
         return cached
     plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images)
     log(f"{method} seed {seed}: {plan['max_steps']} steps (calibrated {plan['calibrated_img_per_s']:.0f} img/s)")
@@ -153,11 +167,6 @@ def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args
     images_seen = summary["global_step"] * base.train.batch_size
     log(f"{method} seed {seed}: probing")
     probe = api.probe(run_dir, linear_epochs=args.linear_epochs, seed=seed, pool=args.pool)
-    finetune = None
-    if args.finetune_epochs > 0:
-        log(f"{method} seed {seed}: fine-tuning {args.finetune_epochs} epoch(s)")
-        finetune = api.finetune(run_dir, out=str(run_dir / "finetune"), epochs=args.finetune_epochs, seed=seed,
-                                progress_bar=False, log_every_steps=50)
     result = {
         "method": method, "seed": seed, "options": config.options, "plan": plan,
         "steps": summary["global_step"], "images_seen": images_seen,
@@ -165,21 +174,31 @@ def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args
         "final_loss": summary["final_loss"],
         "train_macs_per_image": cost["macs"]["train_step"], "pretrain_macs": cost["macs"]["train_step"] * images_seen,
         "knn_top1": probe["knn_top1"], "linear_top1": probe["linear_top1"],
-        "finetune_top1": finetune["last_top1"] if finetune else None,
-        "finetune_best_top1": finetune["best_top1"] if finetune else None,
-    }
+    } | finetune_figures(run_dir, method, seed, args)
     write_json(run_dir / "quality.json", result)
     return result
 
 
-def evaluate_baselines(data: str, seeds: list[int], reference_run: Path, args) -> dict[str, list[dict[str, Any]]]:
-    # The run only fixes the image geometry here (probing raw pixels without a run assumes the default patch size).
-    raw = api.probe(reference_run, data=data, baseline="raw", linear_epochs=args.linear_epochs, seed=seeds[0])
+def evaluate_baselines(data: str, seeds: list[int], reference_run: Path, work: Path, args) -> dict[str, list[dict[str, Any]]]:
+    """Raw pixels (seed-independent features: first seed only) and a random encoder per seed; cached in ``work``."""
+
+    def cached_probe(name: str, seed: int, **kwargs: Any) -> dict[str, Any]:
+        settings = {"data": data, "pool": kwargs.get("pool"), "linear_epochs": args.linear_epochs, "seed": seed}
+        path = work / "baselines" / f"{name}-seed{seed}.json"
+        cached = read_json(path)
+        if cached is not None and cached["settings"] == settings:
+            log(f"baseline {name} seed {seed}: done before, reusing {path}")
+            return cached["probe"]
+        # The run only fixes the image geometry (and, for the random encoder, the architecture).
+        result = api.probe(reference_run, linear_epochs=args.linear_epochs, seed=seed, **kwargs)
+        write_json(path, {"settings": settings, "probe": result})
+        return result
+
+    raw = cached_probe("raw", seeds[0], data=data, baseline="raw")
     baselines = {"raw pixels": [{"seed": seeds[0], "knn_top1": raw["knn_top1"], "linear_top1": raw["linear_top1"]}],
                  "random encoder": []}
     for seed in seeds:
-        random = api.probe(reference_run, baseline="random", linear_epochs=args.linear_epochs, seed=seed,
-                           pool=args.pool)
+        random = cached_probe("random", seed, baseline="random", pool=args.pool)
         baselines["random encoder"].append({"seed": seed, "knn_top1": random["knn_top1"],
                                             "linear_top1": random["linear_top1"]})
     return baselines
@@ -207,15 +226,15 @@ def percent(entry: tuple[float, float] | None) -> str:
 
 def markdown_table(summary: dict[str, dict[str, Any]], machine: str, args) -> str:
     lines = [f"Fashion-MNIST, {args.minutes:g} min pretraining per method (wall clock, {machine}); seeds "
-             f"{args.seeds}; mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol.",
+             f"{args.seeds} (ablation variants: {args.ablation_seeds or args.seeds}); mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol.",
              "",
-             "| features | steps | pretraining TMACs | pretraining min | kNN top-1 % | linear top-1 % | fine-tune top-1 % |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| features | seeds | steps | pretraining TMACs | pretraining min | kNN top-1 % | linear top-1 % | fine-tune top-1 % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, entry in summary.items():
         steps = f"{entry['steps'][0]:.0f}" if entry.get("steps") else "—"
         macs = f"{entry['pretrain_macs'][0] / 1e12:.1f}" if entry.get("pretrain_macs") else "—"
         minutes = f"{entry['train_seconds'][0] / 60:.1f}" if entry.get("train_seconds") else "—"
-        lines.append(f"| {name} | {steps} | {macs} | {minutes} | {percent(entry.get('knn_top1'))} | "
+        lines.append(f"| {name} | {entry['seeds']} | {steps} | {macs} | {minutes} | {percent(entry.get('knn_top1'))} | "
                      f"{percent(entry.get('linear_top1'))} | {percent(entry.get('finetune_top1'))} |")
     return "\n".join(lines) + "\n"
 
@@ -275,6 +294,8 @@ def main() -> None:
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock pretraining budget per method and seed")
     parser.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated [every registered one]")
     parser.add_argument("--seeds", default="0", help="comma-separated seeds [0]; e.g. 0,1 for the headline comparison")
+    parser.add_argument("--ablation-seeds", help="comma-separated seeds for the ablation variants "
+                        f"({', '.join(VARIANTS)}) [the --seeds]")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="model and training recipe")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of the calibration run per method")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (0: skip)")
@@ -290,6 +311,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}: registered are {', '.join(sorted(METHODS))}")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",") if s.strip()]
     work, results = Path(args.work), Path(args.results)
     data, num_images = "fashion-mnist", 60000
     if args.subset:
@@ -301,10 +323,12 @@ def main() -> None:
     started = time.time()
     for seed in seeds:
         for method in methods:
+            if method in VARIANTS and seed not in ablation_seeds:
+                continue
             per_seed[method].append(evaluate_method(base, method, seed, work / f"seed{seed}" / method, args, num_images))
     log("baselines: raw pixels, random encoder")
     reference = work / f"seed{seeds[0]}" / ("mae" if "mae" in methods else methods[0])  # its architecture, untrained
-    per_seed.update(evaluate_baselines(data, seeds, reference, args))
+    per_seed.update(evaluate_baselines(data, seeds, reference, work, args))
 
     machine = machine_info(torch.device("cpu"), None)
     machine.pop("precision")

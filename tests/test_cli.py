@@ -121,3 +121,12 @@ def test_probe_reconstruct_cost_methods(capsys, trained_run, tmp_path):
 
     code, out, _ = run_cli(capsys, "methods")
     assert code == 0 and "mae" in out and "--mask-ratio" in out
+
+
+def test_pretrain_help_shows_each_methods_own_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["pretrain", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "[default per method: ddae True, mae False, prmim False]" in text  # --dynamic-weighting
+    assert "ddae 0.75, lomar 0.8, mae 0.75" in text  # --mask-ratio differs for LoMaR
+    assert "[default: 1.0 (ddae, mae, prmim)]" in text  # --beta-end: shared default, not every method takes it

@@ -9,7 +9,7 @@ import argparse
 import dataclasses
 import json
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from . import __version__
 from .config import SECTIONS, ConfigError, RunConfig, field_type
@@ -26,16 +26,34 @@ def cli_name(field: dataclasses.Field) -> str:
     return field.metadata.get("cli") or field.name
 
 
-def add_field_flag(group, field: dataclasses.Field, dest: str) -> None:
+def add_field_flag(group, field: dataclasses.Field, dest: str, default_text: str | None = None) -> None:
     kind = field_type(field.type)
     flag = "--" + cli_name(field).replace("_", "-")
-    help_text = f"{field.metadata.get('help', '')} [default: {field.default}]"
+    help_text = f"{field.metadata.get('help', '')} [{default_text or f'default: {field.default}'}]"
     if kind is bool:
         group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
                            help=help_text)
     else:
         group.add_argument(flag, dest=dest, type=str, default=argparse.SUPPRESS, metavar=kind.__name__.upper(),
                            help=help_text)
+
+
+def method_option_defaults(methods: dict[str, type]) -> dict[str, tuple[dataclasses.Field, dict[str, Any]]]:
+    """Option name -> (its field in the first method that has it, {method: its default there})."""
+    options: dict[str, tuple[dataclasses.Field, dict[str, Any]]] = {}
+    for name in sorted(methods):
+        for field in dataclasses.fields(methods[name].Options):
+            options.setdefault(field.name, (field, {}))[1][name] = field.default
+    return options
+
+
+def option_default_text(defaults: dict[str, Any], all_methods: list[str]) -> str:
+    """The default, and which methods take the option (all if unsaid); per method where their defaults differ."""
+    shown = {method: "none" if value in ("", None) else value for method, value in defaults.items()}
+    if len({repr(value) for value in shown.values()}) == 1:
+        users = "" if sorted(shown) == sorted(all_methods) else f" ({', '.join(shown)})"
+        return f"default: {next(iter(shown.values()))}{users}"
+    return "default per method: " + ", ".join(f"{method} {value}" for method, value in shown.items())
 
 
 def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
@@ -48,13 +66,10 @@ def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(section)
         for field in dataclasses.fields(cls):
             add_field_flag(group, field, f"{section}.{field.name}")
-    seen: set[str] = set()
-    group = parser.add_argument_group("method options (see 'leanmim methods')")
-    for cls in METHODS.values():
-        for field in dataclasses.fields(cls.Options):
-            if field.name not in seen:
-                seen.add(field.name)
-                add_field_flag(group, field, f"options.{field.name}")
+    group = parser.add_argument_group("method options (the methods that take each one, with their defaults; "
+                                      "see 'leanmim methods')")
+    for name, (field, defaults) in method_option_defaults(METHODS).items():
+        add_field_flag(group, field, f"options.{name}", option_default_text(defaults, list(METHODS)))
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
