@@ -3,14 +3,16 @@
 For each seed, and for each method in turn:
 
 1. calibrate: a short pretraining run (``--calibration-steps`` steps, thrown away) measures the method's
-   images/s as the engine runs it (data, augmentation and Lightning included);
+   images/s as the engine runs it (data, augmentation and Lightning included); the first seed calibrates,
+   the other seeds reuse its step count;
 2. pretrain for ``max_steps = budget · img/s / batch`` optimizer steps. The step count is fixed before
    training, so the warmup + cosine learning-rate schedule runs to its end (Lightning's ``max_time`` would
    stop it part-way down the cosine, at a high learning rate, which favours no method fairly);
 3. probe the frozen encoder: weighted kNN and linear probe (``leanmim.api.probe``);
 4. fine-tune briefly (``leanmim.api.finetune``, MAE protocol, ``--finetune-epochs``).
 
-Baselines (same splits): raw pixels, and a random encoder (the MAE architecture, untrained, one per seed).
+Baselines (same splits): raw pixels, a random encoder (the MAE architecture, untrained, one per seed), and with
+fine-tuning the supervised baseline: the same architecture fine-tuned from scratch with the same recipe (first seed).
 
 Pretraining compute of a run: counted MACs (``leanmim.cost`` training-step MACs per image × images seen) and
 measured training seconds. Written to ``--results`` (default ``benchmarks/results/``): ``quality.md`` (table,
@@ -115,11 +117,15 @@ def run_config(base: RunConfig, method: str, seed: int, out: Path, **train: Any)
 
 
 def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: float, calibration_steps: int,
-               num_images: int) -> dict[str, Any]:
-    """The run's step count for the budget, from a short calibration run; stored in ``plan.json`` and reused."""
+               num_images: int, first_seed_dir: Path) -> dict[str, Any]:
+    """The run's step count for the budget, from a short calibration run; stored in ``plan.json`` and reused.
+
+    The method's first seed calibrates; later seeds take its step count, so seeds differ in their random draws only
+    (not in how busy the machine was when they were calibrated)."""
     plan_path = run_dir / "plan.json"
-    plan = read_json(plan_path)
-    if plan is not None:
+    plan = read_json(plan_path) or read_json(first_seed_dir / "plan.json")
+    if plan is not None and plan["minutes"] == minutes and plan["calibration_steps"] == calibration_steps:
+        write_json(plan_path, plan)
         return plan
     calibration_dir = run_dir.parent / f"{run_dir.name}-calibration"
     shutil.rmtree(calibration_dir, ignore_errors=True)
@@ -134,26 +140,32 @@ def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: 
     return plan
 
 
+def wants_finetuning(method: str, seed: int, args) -> bool:
+    return (args.finetune_epochs > 0 and (not args.finetune_methods or method in args.finetune_methods.split(","))
+            and (not args.finetune_seeds or str(seed) in args.finetune_seeds.split(",")))
+
+
 def finetune_figures(run_dir: Path, method: str, seed: int, args) -> dict[str, Any]:
     """Fine-tune the run's encoder for ``--finetune-epochs`` (MAE protocol); its own directory per epoch count."""
-    if args.finetune_epochs <= 0:
+    if not wants_finetuning(method, seed, args):
         return {"finetune_epochs": 0, "finetune_top1": None, "finetune_best_top1": None}
     log(f"{method} seed {seed}: fine-tuning {args.finetune_epochs} epoch(s)")
     result = api.finetune(run_dir, out=str(run_dir / f"finetune-{args.finetune_epochs}ep"), epochs=args.finetune_epochs,
                           seed=seed, progress_bar=False, log_every_steps=50)
     return {"finetune_epochs": args.finetune_epochs, "finetune_top1": result["last_top1"],
-            "finetune_best_top1": result["best_top1"], "finetune_seconds": result.get("train_seconds")}
+            "finetune_best_top1": result["best_top1"], "finetune_seconds": result["train_seconds_this_session"]}
 
 
 def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args, num_images: int) -> dict[str, Any]:
     cached = read_json(run_dir / "quality.json")
     if cached is not None:
         log(f"{method} seed {seed}: done before, reusing {run_dir / 'quality.json'}")
-        if args.finetune_epochs > 0 and cached.get("finetune_epochs") != args.finetune_epochs:
+        if wants_finetuning(method, seed, args) and cached.get("finetune_epochs") != args.finetune_epochs:
             cached.update(finetune_figures(run_dir, method, seed, args))
             write_json(run_dir / "quality.json", cached)
         return cached
-    plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images)
+    plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images,
+                      first_seed_dir=run_dir.parent.parent / f"seed{args.first_seed}" / method)
     log(f"{method} seed {seed}: {plan['max_steps']} steps (calibrated {plan['calibrated_img_per_s']:.0f} img/s)")
     config = run_config(base, method, seed, run_dir, max_steps=plan["max_steps"])
     summary = api.pretrain(config)
@@ -201,6 +213,17 @@ def evaluate_baselines(data: str, seeds: list[int], reference_run: Path, work: P
         random = cached_probe("random", seed, baseline="random", pool=args.pool)
         baselines["random encoder"].append({"seed": seed, "knn_top1": random["knn_top1"],
                                             "linear_top1": random["linear_top1"]})
+    if args.finetune_epochs > 0:  # the supervised baseline: same architecture and fine-tuning recipe, no pretraining
+        seed = seeds[0]
+        path = work / "baselines" / f"scratch-seed{seed}-{args.finetune_epochs}ep.json"
+        scratch = read_json(path)
+        if scratch is None:
+            log(f"baseline: fine-tuning from scratch, {args.finetune_epochs} epoch(s), seed {seed}")
+            scratch = api.finetune(reference_run, out=str(path.with_suffix("")), epochs=args.finetune_epochs, seed=seed,
+                                   from_scratch=True, progress_bar=False, log_every_steps=50)
+            write_json(path, scratch)
+        baselines["supervised from scratch"] = [{"seed": seed, "finetune_top1": scratch["last_top1"],
+                                                 "finetune_best_top1": scratch["best_top1"]}]
     return baselines
 
 
@@ -272,10 +295,12 @@ def pareto_plot(summary: dict[str, dict[str, Any]], methods: list[str], out: Pat
             front = pareto_front(points)
             if len(front) > 1:
                 axis.plot(*zip(*front), color="black", linewidth=0.8, linestyle=":")
-        for baseline, style in (("raw pixels", "--"), ("random encoder", "-.")):
-            if baseline in summary and summary[baseline].get("linear_top1"):
-                axis.axhline(100 * summary[baseline]["linear_top1"][0], color="grey", linestyle=style, linewidth=1,
-                             label=f"{baseline} (linear)")
+        for baseline, style, metric, kind in (("raw pixels", "--", "linear_top1", "linear"),
+                                              ("random encoder", "-.", "linear_top1", "linear"),
+                                              ("supervised from scratch", ":", "finetune_top1", "fine-tune")):
+            if baseline in summary and summary[baseline].get(metric):
+                axis.axhline(100 * summary[baseline][metric][0], color="grey", linestyle=style, linewidth=1,
+                             label=f"{baseline} ({kind})")
         axis.set_xlabel(label)
         axis.grid(alpha=0.3)
     axes[0].set_ylabel("Fashion-MNIST test top-1, %")
@@ -299,6 +324,8 @@ def main() -> None:
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="model and training recipe")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of the calibration run per method")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (0: skip)")
+    parser.add_argument("--finetune-methods", help="comma-separated: fine-tune only these (from --methods) [all]")
+    parser.add_argument("--finetune-seeds", help="comma-separated: fine-tune only at these seeds [all]")
     parser.add_argument("--pool", default="tokens", help="probe feature (see leanmim probe --pool) [tokens]")
     parser.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs")
     parser.add_argument("--subset", help="TRAIN,TEST: use only the first images of each split (smoke runs)")
@@ -311,6 +338,7 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}: registered are {', '.join(sorted(METHODS))}")
     seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
+    args.first_seed = seeds[0]
     ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",") if s.strip()]
     work, results = Path(args.work), Path(args.results)
     data, num_images = "fashion-mnist", 60000

@@ -14,7 +14,9 @@ from leanmim import api
 from leanmim.cli import main
 from leanmim.engine import pretrain
 from leanmim.export import timm_create_kwargs
-from leanmim.finetune import Classifier, layer_decay_groups, load_finetuned, prepare_encoder, supports_token_drop
+from leanmim.checkpoint import load_run
+from leanmim.finetune import (Classifier, initial_encoder, layer_decay_groups, load_finetuned, prepare_encoder,
+                               supports_token_drop)
 from leanmim.methods import METHODS, build_method
 
 FAST = dict(batch_size=32, lr=3e-3, precision="32", progress_bar=False, log_every_steps=1)
@@ -76,6 +78,19 @@ def test_resumed_finetuning_equals_uninterrupted(pretrained, finetuned, tmp_path
     split = load_finetuned(tmp_path / "split").classifier.state_dict()
     for key, value in whole.items():
         assert torch.equal(value, split[key]), key
+
+
+def test_from_scratch_starts_from_a_fresh_seeded_init_not_the_pretrained_weights(pretrained):
+    loaded = load_run(pretrained)
+    pretrained_weights = loaded.method.encoder.state_dict()
+    assert initial_encoder(loaded, from_scratch=False, seed=0) is loaded.method.encoder
+    torch.manual_seed(3)
+    fresh = build_method(loaded.config.method, loaded.config.model, loaded.config.options).encoder.state_dict()
+    scratch = initial_encoder(loaded, from_scratch=True, seed=3).state_dict()
+    assert scratch.keys() == pretrained_weights.keys()
+    assert all(torch.equal(scratch[key], fresh[key]) for key in scratch)           # exactly the method's own init
+    changed = [key for key in scratch if not torch.equal(scratch[key], pretrained_weights[key])]
+    assert "blocks.0.attn.qkv.weight" in changed and "patch_embed.proj.weight" in changed
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

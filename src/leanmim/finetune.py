@@ -83,6 +83,8 @@ class FinetuneConfig:
     drop_path: float = option(0.1, "stochastic depth rate of the last block (rising linearly from 0)")
     label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
     token_drop: float = option(0.0, "token compression (PCAE) at fine-tuning and evaluation: drop ratio per stage")
+    from_scratch: bool = option(False, "ignore the pretrained weights: the run's architecture freshly initialised "
+                                "(seeded by --seed), i.e. the supervised baseline under the same recipe")
     crop_min_scale: float | None = option(None, "smallest RandomResizedCrop area (default: 0.08 from 128 px up, else 0.5)")
     hflip: bool = option(True, "random horizontal flips")
     grad_clip: float | None = option(None, "clip the gradient norm to this value")
@@ -125,6 +127,17 @@ class FinetuneConfig:
 
 
 # ----------------------------------------------------------------------------- the model
+
+def initial_encoder(loaded, from_scratch: bool, seed: int) -> nn.Module:
+    """The encoder fine-tuning starts from: the run's pretrained one, or (``from_scratch``) the same method's
+    encoder freshly initialised from ``seed`` — as the method itself initialises it before pretraining."""
+    if not from_scratch:
+        return loaded.method.encoder
+    from .methods import build_method
+
+    torch.manual_seed(seed)
+    return build_method(loaded.config.method, loaded.config.model, loaded.config.options).encoder
+
 
 def prepare_encoder(encoder: nn.Module, drop_path: float) -> nn.Module:
     """Make a pretrained encoder fine-tunable in place: final norm removed (``fc_norm`` replaces it) and drop
@@ -428,7 +441,8 @@ def finetune(run: str | Path, settings: FinetuneConfig | None = None, callbacks=
                                loaded.config.options)
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    classifier = Classifier(prepare_encoder(loaded.method.encoder, settings.drop_path), splits.num_classes,
+    classifier = Classifier(prepare_encoder(initial_encoder(loaded, settings.from_scratch, settings.seed),
+                                            settings.drop_path), splits.num_classes,
                             settings.token_drop).train()  # load_run leaves the encoder in eval mode; Lightning keeps modes
     module = FinetuneModule(classifier, settings, loaded.config, str(loaded.checkpoint_path), train_transform,
                             splits.batch_transform)
