@@ -123,10 +123,12 @@ def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: 
     The method's first seed calibrates; later seeds take its step count, so seeds differ in their random draws only
     (not in how busy the machine was when they were calibrated)."""
     plan_path = run_dir / "plan.json"
-    plan = read_json(plan_path) or read_json(first_seed_dir / "plan.json")
-    if plan is not None and plan["minutes"] == minutes and plan["calibration_steps"] == calibration_steps:
-        write_json(plan_path, plan)
-        return plan
+    for source in (plan_path, first_seed_dir / "plan.json"):
+        plan = read_json(source)
+        if plan is not None and plan["minutes"] == minutes and plan["calibration_steps"] == calibration_steps:
+            if source != plan_path:
+                write_json(plan_path, plan)
+            return plan
     calibration_dir = run_dir.parent / f"{run_dir.name}-calibration"
     shutil.rmtree(calibration_dir, ignore_errors=True)
     summary = api.pretrain(run_config(base, method, seed, calibration_dir, max_steps=calibration_steps))
@@ -140,9 +142,18 @@ def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: 
     return plan
 
 
+def names(text: str) -> list[str]:
+    """Comma-separated command-line list -> its non-empty items."""
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def integers(text: str) -> list[int]:
+    return [int(item) for item in names(text)]
+
+
 def wants_finetuning(method: str, seed: int, args) -> bool:
-    return (args.finetune_epochs > 0 and (not args.finetune_methods or method in args.finetune_methods.split(","))
-            and (not args.finetune_seeds or str(seed) in args.finetune_seeds.split(",")))
+    return (args.finetune_epochs > 0 and (args.finetune_methods is None or method in args.finetune_methods)
+            and (args.finetune_seeds is None or seed in args.finetune_seeds))
 
 
 def finetune_figures(run_dir: Path, method: str, seed: int, args) -> dict[str, Any]:
@@ -156,7 +167,8 @@ def finetune_figures(run_dir: Path, method: str, seed: int, args) -> dict[str, A
             "finetune_best_top1": result["best_top1"], "finetune_seconds": result["train_seconds_this_session"]}
 
 
-def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args, num_images: int) -> dict[str, Any]:
+def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, first_seed_dir: Path, args,
+                    num_images: int) -> dict[str, Any]:
     cached = read_json(run_dir / "quality.json")
     if cached is not None:
         log(f"{method} seed {seed}: done before, reusing {run_dir / 'quality.json'}")
@@ -164,8 +176,7 @@ def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, args
             cached.update(finetune_figures(run_dir, method, seed, args))
             write_json(run_dir / "quality.json", cached)
         return cached
-    plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images,
-                      first_seed_dir=run_dir.parent.parent / f"seed{args.first_seed}" / method)
+    plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images, first_seed_dir)
     log(f"{method} seed {seed}: {plan['max_steps']} steps (calibrated {plan['calibrated_img_per_s']:.0f} img/s)")
     config = run_config(base, method, seed, run_dir, max_steps=plan["max_steps"])
     summary = api.pretrain(config)
@@ -248,8 +259,9 @@ def percent(entry: tuple[float, float] | None) -> str:
 
 
 def markdown_table(summary: dict[str, dict[str, Any]], machine: str, args) -> str:
+    seeds, ablation_seeds = (",".join(map(str, values)) for values in (args.seeds, args.ablation_seeds or args.seeds))
     lines = [f"Fashion-MNIST, {args.minutes:g} min pretraining per method (wall clock, {machine}); seeds "
-             f"{args.seeds} (ablation variants: {args.ablation_seeds or args.seeds}); mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol.",
+             f"{seeds} (ablation variants: {ablation_seeds}); mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol.",
              "",
              "| features | seeds | steps | pretraining TMACs | pretraining min | kNN top-1 % | linear top-1 % | fine-tune top-1 % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -317,15 +329,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0, help="wall-clock pretraining budget per method and seed")
-    parser.add_argument("--methods", default=",".join(sorted(METHODS)), help="comma-separated [every registered one]")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds [0]; e.g. 0,1 for the headline comparison")
-    parser.add_argument("--ablation-seeds", help="comma-separated seeds for the ablation variants "
+    parser.add_argument("--methods", type=names, default=",".join(sorted(METHODS)), help="comma-separated [every registered one]")
+    parser.add_argument("--seeds", type=integers, default="0", help="comma-separated seeds [0]; e.g. 0,1 for the headline comparison")
+    parser.add_argument("--ablation-seeds", type=integers, help="comma-separated seeds for the ablation variants "
                         f"({', '.join(VARIANTS)}) [the --seeds]")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="model and training recipe")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of the calibration run per method")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (0: skip)")
-    parser.add_argument("--finetune-methods", help="comma-separated: fine-tune only these (from --methods) [all]")
-    parser.add_argument("--finetune-seeds", help="comma-separated: fine-tune only at these seeds [all]")
+    parser.add_argument("--finetune-methods", type=names, help="comma-separated: fine-tune only these (from --methods) [all]")
+    parser.add_argument("--finetune-seeds", type=integers, help="comma-separated: fine-tune only at these seeds [all]")
     parser.add_argument("--pool", default="tokens", help="probe feature (see leanmim probe --pool) [tokens]")
     parser.add_argument("--linear-epochs", type=int, default=100, help="linear-probe epochs")
     parser.add_argument("--subset", help="TRAIN,TEST: use only the first images of each split (smoke runs)")
@@ -333,13 +345,11 @@ def main() -> None:
     parser.add_argument("--results", default=str(REPO / "benchmarks" / "results"), help="where the outputs go")
     args = parser.parse_args()
 
-    methods = [name.strip() for name in args.methods.split(",") if name.strip()]
+    methods, seeds = args.methods, args.seeds
     unknown = [name for name in methods if name not in METHODS and name not in VARIANTS]
     if unknown:
         parser.error(f"unknown method(s) {', '.join(unknown)}: registered are {', '.join(sorted(METHODS))}")
-    seeds = [int(seed) for seed in args.seeds.split(",") if seed.strip()]
-    args.first_seed = seeds[0]
-    ablation_seeds = seeds if args.ablation_seeds is None else [int(s) for s in args.ablation_seeds.split(",") if s.strip()]
+    ablation_seeds = seeds if args.ablation_seeds is None else args.ablation_seeds
     work, results = Path(args.work), Path(args.results)
     data, num_images = "fashion-mnist", 60000
     if args.subset:
@@ -353,7 +363,8 @@ def main() -> None:
         for method in methods:
             if method in VARIANTS and seed not in ablation_seeds:
                 continue
-            per_seed[method].append(evaluate_method(base, method, seed, work / f"seed{seed}" / method, args, num_images))
+            per_seed[method].append(evaluate_method(base, method, seed, work / f"seed{seed}" / method,
+                                                    work / f"seed{seeds[0]}" / method, args, num_images))
     log("baselines: raw pixels, random encoder")
     reference = work / f"seed{seeds[0]}" / ("mae" if "mae" in methods else methods[0])  # its architecture, untrained
     per_seed.update(evaluate_baselines(data, seeds, reference, work, args))

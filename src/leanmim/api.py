@@ -59,9 +59,7 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
     else:
         method = loaded.method
         if baseline == "random":
-            from .methods import build_method
-            torch.manual_seed(seed)
-            method, name = build_method(loaded.config.method, model, loaded.config.options).eval(), "random encoder"
+            method, name = loaded.untrained_method(seed), "random encoder"
         else:
             name = f"{loaded.config.method} encoder"
         encoder = method.encoder

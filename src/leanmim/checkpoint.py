@@ -54,6 +54,11 @@ class LoadedRun:
     global_step: int
     epoch: int
 
+    def untrained_method(self, seed: int) -> MIMMethod:
+        """The run's method and architecture, freshly initialised from ``seed`` (as before pretraining), eval mode."""
+        torch.manual_seed(seed)
+        return build_method(self.config.method, self.config.model, self.config.options).eval()
+
 
 def load_run(path: str | Path, expect_method: str | None = None, expect_model: str | None = None) -> LoadedRun:
     """Rebuild the method of a run and load its weights; mismatches give a one-line ConfigError."""

@@ -22,6 +22,10 @@ class OneLineParser(argparse.ArgumentParser):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
 
+# Model width/depth fields that `leanmim cost` takes as flags (over the named preset).
+SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
+
+
 def cli_name(field: dataclasses.Field) -> str:
     return field.metadata.get("cli") or field.name
 
@@ -144,9 +148,7 @@ def command_cost(args) -> int:
         name, value = item.split("=", 1)
         options[name.replace("-", "_")] = value
     encoder_kwargs = {"token_drop": args.token_drop} if args.token_drop is not None else {}
-    model_overrides = {key: getattr(args, key) for key in ("embed_dim", "depth", "num_heads", "decoder_embed_dim",
-                                                           "decoder_depth", "decoder_num_heads")
-                       if getattr(args, key) is not None}
+    model_overrides = {key: getattr(args, key) for key in SIZE_FIELDS if getattr(args, key) is not None}
     method, model, img_size, patch_size, in_chans = args.method, args.model, args.img_size, args.patch_size, args.in_chans
     if args.config:  # a run's config.yaml: its method, model and options, unless given on the command line
         config = RunConfig.load_yaml(args.config)
@@ -155,9 +157,7 @@ def command_cost(args) -> int:
         known = {key: value for key, value in vars(config.model).items() if value is not None}
         model, img_size = args.model or known.pop("name"), args.img_size or known.pop("img_size", None)
         patch_size, in_chans = args.patch_size or known.pop("patch_size", None), args.in_chans or known.pop("in_chans", None)
-        model_overrides = {**{k: v for k, v in known.items() if k in ("embed_dim", "depth", "num_heads", "mlp_ratio",
-                                                                      "decoder_embed_dim", "decoder_depth",
-                                                                      "decoder_num_heads")}, **model_overrides}
+        model_overrides = {**{k: v for k, v in known.items() if k in SIZE_FIELDS + ("mlp_ratio",)}, **model_overrides}
     result = api.cost(method or "mae", model or "vit_base_patch16", img_size or 224, patch_size, in_chans or 3,
                       options, inference=args.inference, model_overrides=model_overrides, **encoder_kwargs)
     if args.json:
@@ -274,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--img-size", type=int, help="[default: 224]")
     cost.add_argument("--patch-size", type=int)
     cost.add_argument("--in-chans", type=int, help="[default: 3]")
-    for flag in ("embed-dim", "depth", "num-heads", "decoder-embed-dim", "decoder-depth", "decoder-num-heads"):
-        cost.add_argument(f"--{flag}", type=int, help="override the preset")
+    for field in SIZE_FIELDS:
+        cost.add_argument(f"--{field.replace('_', '-')}", type=int, help="override the preset")
     cost.add_argument("--option", action="append", metavar="NAME=VALUE", help="a method option (repeatable)")
     cost.add_argument("--inference", action="store_true", help="count the plain full-image encoder forward")
     cost.add_argument("--token-drop", type=float, help="with --inference: token compression drop ratio per stage")

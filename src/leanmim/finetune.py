@@ -131,12 +131,7 @@ class FinetuneConfig:
 def initial_encoder(loaded, from_scratch: bool, seed: int) -> nn.Module:
     """The encoder fine-tuning starts from: the run's pretrained one, or (``from_scratch``) the same method's
     encoder freshly initialised from ``seed`` — as the method itself initialises it before pretraining."""
-    if not from_scratch:
-        return loaded.method.encoder
-    from .methods import build_method
-
-    torch.manual_seed(seed)
-    return build_method(loaded.config.method, loaded.config.model, loaded.config.options).encoder
+    return loaded.untrained_method(seed).encoder if from_scratch else loaded.method.encoder
 
 
 def prepare_encoder(encoder: nn.Module, drop_path: float) -> nn.Module:
