@@ -6,10 +6,31 @@ cls dropped. leanmim's MAE must give the same loss for the same weights and nois
 same MACs.
 """
 
+import numpy as np
 import torch
 from torch import nn
 
 from leanmim.methods.mae import MAE
+
+
+def reference_1d_sincos(embed_dim, pos):
+    """The reference's 1-D table: (M,) positions -> (M, embed_dim), ``[sin | cos]``."""
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+def reference_2d_sincos(embed_dim, grid_size, cls_token=False):
+    """The reference's 2-D table, (grid², D) (+ a zero cls row): meshgrid(w, h), so the first half encodes w."""
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)
+    emb = np.concatenate([reference_1d_sincos(embed_dim // 2, grid[0]), reference_1d_sincos(embed_dim // 2, grid[1])],
+                         axis=1)
+    if cls_token:
+        emb = np.concatenate([np.zeros([1, embed_dim]), emb], axis=0)
+    return torch.from_numpy(emb).float()
 
 
 class ReferenceMAE(nn.Module):
@@ -19,10 +40,12 @@ class ReferenceMAE(nn.Module):
         self.patch_size = leanmim_mae.model_config.patch_size
         self.patch_embed = encoder.patch_embed
         self.cls_token = encoder.cls_token
-        self.pos_embed = torch.cat([torch.zeros(1, encoder.embed_dim), encoder.pos_embed]).unsqueeze(0)
+        grid = encoder.grid_size[0]
+        # The reference's own fixed tables (not leanmim's): a channel-order difference would change the loss.
+        self.pos_embed = reference_2d_sincos(encoder.embed_dim, grid, cls_token=True).unsqueeze(0)
         self.blocks, self.norm = encoder.blocks, encoder.norm
         self.decoder_embed, self.mask_token = decoder.embed, decoder.mask_token
-        self.decoder_pos_embed = torch.cat([torch.zeros(1, decoder.decoder_dim), decoder.pos_embed]).unsqueeze(0)
+        self.decoder_pos_embed = reference_2d_sincos(decoder.decoder_dim, grid, cls_token=True).unsqueeze(0)
         self.decoder_blocks, self.decoder_norm, self.decoder_pred = decoder.blocks, decoder.norm, decoder.head
         self.mask_ratio = leanmim_mae.options.mask_ratio
 

@@ -92,3 +92,40 @@ def test_mask_ratio_outside_open_interval(ratio):
 
 def test_per_token_mse_shape():
     assert per_token_mse(torch.zeros(2, 3, 4), torch.ones(2, 3, 4)).shape == (2, 3)
+
+
+def test_sincos_table_follows_the_mae_reference_formula():
+    """First half of the channels: the column w, second half: the row h; each half [sin | cos] over
+    ω_k = 1/10000^(k/(D/4)); tokens in row-major order. Built here entry by entry from that formula."""
+    from leanmim.encoder import sincos_pos_embed
+
+    rows, cols, dim = 3, 4, 16
+    quarter = dim // 4
+    expected = torch.zeros(rows * cols, dim, dtype=torch.float64)
+    for h in range(rows):
+        for w in range(cols):
+            for k in range(quarter):
+                omega = 1.0 / 10000 ** (k / quarter)
+                token = h * cols + w
+                expected[token, k] = math.sin(w * omega)
+                expected[token, quarter + k] = math.cos(w * omega)
+                expected[token, 2 * quarter + k] = math.sin(h * omega)
+                expected[token, 3 * quarter + k] = math.cos(h * omega)
+    table = sincos_pos_embed((rows, cols), dim)
+    assert table.shape == (12, 16)
+    assert torch.allclose(table.double(), expected, atol=1e-6)
+    # and the square-grid table equals the reference implementation's (numpy) one
+    from reference_mae import reference_2d_sincos
+    assert torch.allclose(sincos_pos_embed((5, 5), 32), reference_2d_sincos(32, 5), atol=1e-6)
+
+
+def test_old_checkpoints_without_a_stored_table_get_the_table_they_were_trained_with():
+    from leanmim.encoder import legacy_sincos_pos_embed
+
+    mae = build_method("mae", tiny_model(in_chans=3).resolved(), {})
+    state = {key: value for key, value in mae.state_dict().items() if not key.endswith("pos_embed")}
+    fresh = build_method("mae", tiny_model(in_chans=3).resolved(), {})
+    fresh.load_state_dict(state)  # strict: the pre-hook supplies the missing tables
+    assert torch.equal(fresh.encoder.pos_embed, legacy_sincos_pos_embed(fresh.encoder.grid_size, 32))
+    assert not torch.allclose(fresh.encoder.pos_embed, mae.encoder.pos_embed)
+    assert "encoder.pos_embed" in mae.state_dict() and "decoder.pos_embed" in mae.state_dict()

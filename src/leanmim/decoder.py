@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .encoder import init_mae_weights, make_blocks, sincos_pos_embed
+from .encoder import init_mae_weights, keep_legacy_pos_embed, make_blocks, sincos_pos_embed
 
 
 class MaskedDecoder(nn.Module):
@@ -23,7 +23,9 @@ class MaskedDecoder(nn.Module):
         self.decoder_dim = decoder_dim
         self.embed = nn.Linear(encoder_dim, decoder_dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, decoder_dim), persistent=False)
+        self.grid_size = tuple(grid_size)
+        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, decoder_dim))   # (L, D_d), fixed, stored
+        self.register_load_state_dict_pre_hook(keep_legacy_pos_embed)
         self.blocks = make_blocks(decoder_dim, depth, num_heads, mlp_ratio)
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.head = nn.Linear(decoder_dim, out_dim)

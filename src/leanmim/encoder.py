@@ -14,7 +14,6 @@ from functools import partial
 import torch
 from timm.layers import PatchEmbed
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -24,8 +23,39 @@ from .tokens import gather_tokens
 
 
 def sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> Tensor:
-    """Fixed 2D sin-cos position embedding, (L, dim): half the channels encode the row, half the column."""
+    """Fixed 2D sin-cos position embedding, (L, dim), tokens in row-major grid order.
+
+    The MAE reference's and transformers' ViTMAE layout, so their weights drop in: channels
+    ``[sin(w·ω) | cos(w·ω) | sin(h·ω) | cos(h·ω)]``, w the column and h the row of the patch,
+    ω_k = 1/10000^(k/(dim/4)), k = 0 … dim/4 − 1. (timm's ``build_sincos2d_pos_embed`` orders the
+    channels differently; leanmim used it up to 0.1.0: see :func:`legacy_sincos_pos_embed`.)
+    """
+    if dim % 4:
+        raise ValueError(f"a 2D sin-cos position embedding needs dim divisible by 4, got {dim}")
+    omega = 1.0 / 10000.0 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
+    rows, cols = torch.meshgrid(torch.arange(grid_size[0], dtype=torch.float64),
+                                torch.arange(grid_size[1], dtype=torch.float64), indexing="ij")
+    halves = []
+    for coordinate in (cols.flatten(), rows.flatten()):   # first half: column (w), second half: row (h)
+        angles = coordinate[:, None] * omega[None, :]      # (L, dim/4)
+        halves += [angles.sin(), angles.cos()]
+    return torch.cat(halves, dim=1).float()
+
+
+def legacy_sincos_pos_embed(grid_size: tuple[int, int], dim: int) -> Tensor:
+    """The table leanmim ≤ 0.1.0 used (timm's channel order), (L, dim). Its checkpoints stored no table,
+    so loading one rebuilds this (see :func:`keep_legacy_pos_embed`) and it computes what it was trained with."""
+    from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
+
     return build_sincos2d_pos_embed(list(grid_size), dim=dim, temperature=10000.0)
+
+
+def keep_legacy_pos_embed(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a state dict without ``pos_embed`` (leanmim ≤ 0.1.0) gets the legacy table."""
+    key = prefix + "pos_embed"
+    if key not in state_dict and any(name.startswith(prefix) for name in state_dict):
+        grid = module.grid_size
+        state_dict[key] = legacy_sincos_pos_embed(grid, module.pos_embed.shape[-1]).to(module.pos_embed.dtype)
 
 
 # On CPU, torch's fused (flash) attention backward is slow for short sequences: for the
@@ -87,8 +117,9 @@ class ViTEncoder(nn.Module):
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Fixed, recomputed from the grid: not part of the state dict.
-        self.register_buffer("pos_embed", sincos_pos_embed(self.grid_size, embed_dim), persistent=False)
+        # Fixed (never trained) but stored with the weights: a table loaded from other weights (--init-from) stays.
+        self.register_buffer("pos_embed", sincos_pos_embed(self.grid_size, embed_dim))
+        self.register_load_state_dict_pre_hook(keep_legacy_pos_embed)
         self.blocks = make_blocks(embed_dim, depth, num_heads, mlp_ratio, drop_path_rate)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.initialize_weights()
