@@ -64,7 +64,7 @@ def test_resuming_with_another_model_is_refused(tiny_data, tmp_path):
     pretrain(tiny_run_config(tiny_data, tmp_path / "run", max_steps=1))
     config = tiny_run_config(tiny_data, tmp_path / "run", max_steps=2)
     config.model.depth = 3
-    with pytest.raises(ConfigError, match="does not match"):
+    with pytest.raises(ConfigError, match=r"holds a different pretrain run \(model.depth: 2 -> 3; train.max_steps: 1 -> 2\)"):
         pretrain(config)
     with pytest.raises(ConfigError, match="belongs to method 'mae', not 'pcae'"):
         load_run(tmp_path / "run", expect_method="pcae")
@@ -84,7 +84,7 @@ def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tiny_data, tmp_
 
     monkeypatch.setattr(MAE, "forward", poisoned)
     with pytest.raises(NonFiniteLossError, match="at step 4"):
-        pretrain(tiny_run_config(tiny_data, run, epochs=2))
+        pretrain(tiny_run_config(tiny_data, run, epochs=2, extend=True))
     assert (run / "checkpoints/last.ckpt").read_bytes() == before
 
 

@@ -6,44 +6,104 @@ data). They are always loaded with ``weights_only=True``: no arbitrary object is
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import ConfigError, RunConfig
 from .methods import MIMMethod, build_method
+from .run import CHECKPOINT_DIR
 
-CHECKPOINT_DIR = "checkpoints"
 LAST_CHECKPOINT = "last.ckpt"
 STATE_PREFIX = "method."  # the LightningModule holds the method as ``self.method``
 
 
 def find_checkpoint(path: str | Path) -> Path:
-    """A run directory (its last checkpoint) or a checkpoint file."""
+    """A run directory (its newest valid checkpoint, normally ``last.ckpt``) or a checkpoint file."""
     path = Path(path)
     if path.is_dir():
-        candidate = path / CHECKPOINT_DIR / LAST_CHECKPOINT
-        if not candidate.is_file():
-            raise ConfigError(f"'{path}' holds no checkpoint ({CHECKPOINT_DIR}/{LAST_CHECKPOINT}): "
-                              f"pass a run directory made by 'leanmim pretrain' or a .ckpt file")
+        candidate = newest_checkpoint(path / CHECKPOINT_DIR)
+        if candidate is None:
+            raise ConfigError(f"'{path}' holds no readable checkpoint ({CHECKPOINT_DIR}/*.ckpt): pass a run directory "
+                              f"made by 'leanmim pretrain' (or 'leanmim finetune') or a .ckpt file")
         return candidate
     if not path.is_file():
         raise ConfigError(f"checkpoint '{path}' does not exist: pass a run directory or a .ckpt file")
     return path
 
 
+def _load(path: Path, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)`` with every failure turned into one line that says which kind it is."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise ConfigError(f"refused to read '{path}': it holds Python objects other than tensors and plain "
+                              f"containers, which leanmim never unpickles (is it a leanmim checkpoint?)") from None
+        raise ConfigError(_corrupt_message(path)) from None
+    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, TypeError, AttributeError):
+        raise ConfigError(_corrupt_message(path)) from None
+
+
+def _corrupt_message(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.name == CHECKPOINT_DIR else []
+    remaining = f"; other checkpoints there: {', '.join(others)}" if others else ""
+    return f"checkpoint '{path}' is truncated or corrupt (not a readable torch file){remaining}"
+
+
+def _check_layout(checkpoint: Any, path: Path) -> dict:
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("leanmim"), dict) \
+            or not isinstance(checkpoint.get("state_dict"), dict):
+        raise ConfigError(f"'{path}' is not a leanmim checkpoint (no 'leanmim' entry with a config and a state_dict)")
+    entry = checkpoint["leanmim"]
+    config = entry.get("config")
+    if not isinstance(config, dict) or not {"method", "model", "data", "train"} <= set(config) \
+            or not all(isinstance(config[key], dict) for key in ("model", "data", "train")):
+        raise ConfigError(f"'{path}' has a 'leanmim' entry without a complete run config (method, model, data, "
+                          f"train): it was not written by leanmim, or was edited")
+    if not all(isinstance(value, torch.Tensor) for value in checkpoint["state_dict"].values()):
+        raise ConfigError(f"'{path}' has a state_dict with entries that are not tensors: it is not a leanmim checkpoint")
+    return checkpoint
+
+
 def read_checkpoint(path: str | Path) -> dict:
     """Load a checkpoint dict safely (``weights_only=True``) and check it is a leanmim one."""
     path = find_checkpoint(path)
+    return _check_layout(_load(path), path)
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The global step of a valid leanmim checkpoint (memory-mapped: cheap), None when unreadable or foreign."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        reason = str(err).splitlines()[0][:200] if str(err) else type(err).__name__
-        raise ConfigError(f"cannot read checkpoint '{path}' ({reason}): is it a leanmim checkpoint?") from None
-    if not isinstance(checkpoint, dict) or "leanmim" not in checkpoint or "state_dict" not in checkpoint:
-        raise ConfigError(f"'{path}' is not a leanmim checkpoint (no 'leanmim' entry)")
-    return checkpoint
+        checkpoint = _check_layout(_load(path, mmap=True), path)
+    except ConfigError:
+        return None
+    return int(checkpoint.get("global_step", 0))
+
+
+def newest_checkpoint(directory: Path, warn: bool = True) -> Path | None:
+    """The valid checkpoint in ``directory`` with the most optimizer steps (``last.ckpt`` wins ties).
+
+    A kill between writing ``epochNNN.ckpt`` and updating ``last.ckpt`` leaves the epoch file newer: it
+    is picked. Unreadable files are skipped with a warning naming them.
+    """
+    if not directory.is_dir():
+        return None
+    best: tuple[int, int, Path] | None = None
+    for candidate in sorted(directory.glob("*.ckpt")):
+        step = checkpoint_step(candidate)
+        if step is None:
+            if warn:
+                warnings.warn(f"skipping unreadable checkpoint '{candidate}' (truncated, corrupt or not leanmim's)")
+            continue
+        key = (step, candidate.name == LAST_CHECKPOINT, candidate)
+        if best is None or key[:2] > best[:2]:
+            best = key
+    return best[2] if best else None
 
 
 @dataclass
@@ -77,10 +137,13 @@ def load_run(path: str | Path, expect_method: str | None = None, expect_model: s
              if key.startswith(STATE_PREFIX)}
     try:
         missing, unexpected = method.load_state_dict(state, strict=False)
-    except RuntimeError:  # shape mismatch
-        missing, unexpected = ["(shapes differ)"], []
+    except RuntimeError as err:  # shape mismatch: name the first differing weight
+        detail = next((line.strip() for line in str(err).splitlines() if "size mismatch" in line), "shapes differ")
+        missing, unexpected = [detail[:160]], []
     if missing or unexpected:
         raise ConfigError(f"checkpoint '{checkpoint_path}' does not fit the {config.method}/{config.model.name} model "
-                          f"({len(missing)} missing, {len(unexpected)} unexpected weights): it was written by another version")
+                          f"its config describes ({len(missing)} missing, {len(unexpected)} unexpected weights, e.g. "
+                          f"{', '.join(list(missing)[:2] + list(unexpected)[:2])}): it was written by another version "
+                          f"or edited")
     method.eval()
     return LoadedRun(config, method, checkpoint_path, int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)))

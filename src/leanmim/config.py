@@ -15,6 +15,7 @@ Every field is also a CLI flag: ``--field-name`` (``model.name`` is ``--model``,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -96,6 +97,13 @@ class ModelConfig:
             raise ConfigError("embed_dim must be divisible by num_heads (and decoder_embed_dim by decoder_num_heads)")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise ConfigError("embed_dim and decoder_embed_dim must be multiples of 4 (2D sin-cos position embedding)")
+        if self.img_size // self.patch_size < 2:
+            raise ConfigError(f"image size {self.img_size} with patch size {self.patch_size} gives a single patch, so "
+                              f"nothing can be masked and reconstructed: use a patch size at most half the image size")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"drop_path must lie in [0, 1), got {self.drop_path}")
+        if not self.mlp_ratio > 0:
+            raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -119,6 +127,17 @@ class DataConfig:
     hflip: bool = option(True, "random horizontal flips")
     max_memory_gb: float = option(4.0, "hold the decoded dataset in memory when it fits in this many GiB")
     num_workers: int = option(2, "loader processes when images are streamed from disk")
+
+    def validate(self) -> None:
+        if not str(self.path).strip():
+            raise ConfigError("--data is empty: pass 'fashion-mnist' or a directory of images")
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ConfigError(f"crop_min_scale must lie in (0, 1] (the smallest crop's area fraction), "
+                              f"got {self.crop_min_scale}")
+        if not self.max_memory_gb >= 0:
+            raise ConfigError(f"max_memory_gb must be 0 or more, got {self.max_memory_gb}")
+        if self.num_workers < 0:
+            raise ConfigError(f"num_workers must be 0 (load in the main process) or more, got {self.num_workers}")
 
 
 @dataclass
@@ -145,8 +164,55 @@ class TrainConfig:
     seed: int = option(0, "seed for weights, data order, augmentation and masking")
     compile: bool = option(False, "torch.compile the method")
     checkpoint_every_epochs: int = option(1, "write a periodic checkpoint every N epochs (0: only last)")
+    keep_checkpoints: int = option(2, "periodic (per-epoch) checkpoints kept besides last.ckpt; older ones are "
+                                      "deleted (-1: keep all)")
+    checkpoint_every_steps: int = option(0, "also update last.ckpt every N optimizer steps, for exact mid-epoch "
+                                            "resume (0: only at epoch ends)")
+    extend: bool = option(False, "allow resuming this run with more epochs / max_steps (the warmup-cosine "
+                                 "schedule is recomputed over the new length)")
     log_every_steps: int = option(10, "log metrics every N steps")
     progress_bar: bool = option(True, "show a progress bar")
+
+
+    def validate(self) -> None:
+        """Range checks on the values as the user typed them (before any scaling)."""
+        if self.epochs < 1 and self.max_steps <= 0:
+            raise ConfigError(f"epochs must be at least 1 (or set max_steps), got {self.epochs}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be positive, or -1 to train by epochs; got {self.max_steps}")
+        if self.batch_size < 1 or self.accumulate_grad_batches < 1:
+            raise ConfigError(f"batch_size and accumulate_grad_batches must be at least 1, got "
+                              f"{self.batch_size} and {self.accumulate_grad_batches}")
+        for name in ("base_lr", "lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise ConfigError(f"{name} must be a finite number >= 0, got {value}")
+        if self.lr is None and self.base_lr == 0:
+            raise ConfigError("base_lr is 0: nothing would be learned; pass a positive --base-lr")
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise ConfigError(f"warmup_fraction must lie in [0, 1] (a fraction of the steps), got {self.warmup_fraction}")
+        for name in ("beta1", "beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ConfigError(f"grad_clip must be positive (or omitted), got {self.grad_clip}")
+        if self.accelerator not in ("auto", "cpu", "gpu", "cuda", "mps", "tpu"):
+            raise ConfigError(f"accelerator '{self.accelerator}' is not one of auto, cpu, gpu")
+        if self.accelerator in ("gpu", "cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise ConfigError(f"--accelerator {self.accelerator} but no GPU is visible to torch: "
+                                  f"use --accelerator cpu (or auto)")
+        if not (str(self.devices) == "auto" or (str(self.devices).isdigit() and int(self.devices) >= 1)):
+            raise ConfigError(f"devices must be a positive number or 'auto', got '{self.devices}'")
+        if self.num_nodes < 1:
+            raise ConfigError(f"num_nodes must be at least 1, got {self.num_nodes}")
+        for name in ("checkpoint_every_epochs", "checkpoint_every_steps", "log_every_steps"):
+            if getattr(self, name) < 0 or (name == "log_every_steps" and getattr(self, name) == 0):
+                raise ConfigError(f"{name} must be {'positive' if name == 'log_every_steps' else '0 or more'}, "
+                                  f"got {getattr(self, name)}")
+        if self.keep_checkpoints < -1:
+            raise ConfigError(f"keep_checkpoints must be -1 (keep all), 0 or more, got {self.keep_checkpoints}")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 import warnings
 from pathlib import Path
@@ -18,20 +20,37 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
 from . import __version__
-from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, read_checkpoint
+from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_step, newest_checkpoint, read_checkpoint
 from .config import ConfigError, RunConfig
 from .encoder import training_attention
 from .data import MIMData, build_pretrain_data, default_channels, default_img_size
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
+from .run import (RUN_FILE, atomic_write_text, check_run_directory, data_fingerprint, dumps_strict, identity_of,
+                  remove_stale_temporaries, temporary_path, write_run_file)
 from .tokens import BatchRandom
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM, SIGUSR1) after saving a checkpoint at the current step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        saved = f"checkpoint saved at step {step} ({checkpoint})" if checkpoint else "no step was completed"
+        super().__init__(f"interrupted by {name}: {saved}; rerun the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM
 
 
 def bf16_supported(accelerator: str = "auto") -> bool:
@@ -50,13 +69,13 @@ def lightning_precision(config: RunConfig) -> str:
 
 def resolve_config(config: RunConfig) -> RunConfig:
     """Fill model geometry from the data, validate the method options, pick the run directory."""
+    config.train.validate()
+    config.data.validate()
     model = config.model.resolved(default_img_size(config.data.path), default_channels(config.data.path))
     options = options_to_dict(build_options(config.method, config.options))
     train = config.train
     if train.out is None:
         train = type(train)(**{**train.__dict__, "out": f"runs/{config.method}-{model.name}"})
-    if train.batch_size < 1 or train.accumulate_grad_batches < 1:
-        raise ConfigError("batch_size and accumulate_grad_batches must be at least 1")
     return RunConfig(config.method, model, config.data, train, options)
 
 
@@ -71,6 +90,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches already trained in it)
         if len(self) == 0:
             raise ConfigError(f"the dataset has {num_items} images, fewer than one global batch of "
                               f"{batch_size * world_size}: lower --batch-size")
@@ -84,7 +104,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.num_items, generator=torch.Generator().manual_seed(self.seed + 7919 * self.epoch))
         global_batch = self.batch_size * self.world_size
-        for step in range(len(self)):
+        first = 0
+        if self.resume_at is not None and self.resume_at[0] == self.epoch:
+            first = self.resume_at[1]  # resumed mid-epoch: the same order, without the batches already trained
+            self.resume_at = None
+        for step in range(first, len(self)):
             start = step * global_batch + self.rank * self.batch_size
             yield order[start:start + self.batch_size].tolist()
 
@@ -121,6 +145,7 @@ class PretrainModule(L.LightningModule):
         self.total_steps = 1          # set by pretrain() once the data size is known
         self.batches_per_epoch = 1
         self._last_step_time: float | None = None
+        self.resume_at: tuple[int, int] | None = None  # set when a checkpoint is loaded
 
     def forward_method(self, images: torch.Tensor, micro_step: int):
         train = self.config.train
@@ -177,6 +202,25 @@ class PretrainModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict()}
+        checkpoint["leanmim_rng"] = {"torch": torch.get_rng_state()}  # drop path / dropout draws continue exactly
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.resume_at = resume_position(int(checkpoint.get("global_step", 0)), self.batches_per_epoch,
+                                         self.config.train.accumulate_grad_batches)
+        rng = checkpoint.get("leanmim_rng")
+        if isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor):
+            torch.set_rng_state(rng["torch"])
+
+
+def resume_position(global_step: int, batches_per_epoch: int, accumulate: int) -> tuple[int, int]:
+    """(epoch, batches of it already trained) after ``global_step`` optimizer steps; (epoch, 0) at a boundary.
+
+    Derived from the step count alone (checkpoints are only written after an optimizer step), with Lightning's
+    convention that an epoch ends with a step even when its batches are not a multiple of ``accumulate``.
+    """
+    steps_per_epoch = max(1, math.ceil(batches_per_epoch / accumulate))
+    epoch, steps_into_epoch = divmod(global_step, steps_per_epoch)
+    return epoch, steps_into_epoch * accumulate
 
 
 class PretrainData(L.LightningDataModule):
@@ -190,6 +234,7 @@ class PretrainData(L.LightningDataModule):
         train = self.config.train
         sampler = GlobalBatchSampler(len(self.data.dataset), train.batch_size, train.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
+        sampler.resume_at = getattr(self.trainer.lightning_module, "resume_at", None)
         workers = 0 if self.data.in_memory else self.config.data.num_workers
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0)
@@ -212,26 +257,112 @@ class ThroughputSummary(Callback):
         self.steps += 1
 
 
-def check_resume(run_dir: Path, config: RunConfig) -> Path | None:
-    """The run's last checkpoint when it may be resumed with ``config``; ConfigError when it belongs elsewhere."""
-    last = run_dir / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if not last.is_file():
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made crash-safe: each checkpoint goes to a hidden temporary file beside
+    its target (``.NAME.tmp-PID``, same directory, so never in the system temp directory), is fsynced, then
+    renamed into place. A kill mid-write leaves the previous file intact; the next start removes the temporary."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for a run directory: ``epochNNN.ckpt`` every ``every_n_epochs`` epochs (the
+    newest ``keep`` kept, -1: all) and ``last.ckpt`` at every epoch end, plus every ``every_n_steps`` optimizer
+    steps (a rolling resume point for exact mid-epoch resume)."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int = 1, keep: int = -1, every_n_steps: int = 0):
+        periodic = every_n_epochs > 0 and keep != 0
+        super().__init__(dirpath=dirpath, filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_last=True,
+                         every_n_epochs=every_n_epochs if periodic else None, save_top_k=-1 if periodic else 0,
+                         enable_version_counter=False)
+        self.keep, self.every_n_steps = keep, every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+            save_resume_point(trainer)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep > 0 and trainer.is_global_zero and Path(filepath).name != LAST_CHECKPOINT:
+            periodic = sorted(Path(filepath).parent.glob("epoch*.ckpt"), key=lambda p: int("0" + p.stem[5:].split("-")[0]))
+            for old in periodic[:-self.keep]:
+                old.unlink(missing_ok=True)
+
+
+def save_resume_point(trainer: L.Trainer) -> str | None:
+    """Write ``last.ckpt`` at the current step (all processes call it; the global-zero one writes)."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.dirpath is None or trainer.global_step == 0:
         return None
-    stored = RunConfig.from_dict(read_checkpoint(last)["leanmim"]["config"], source=str(last))
-    if stored.method != config.method or stored.model != config.model:
-        raise ConfigError(f"run directory '{run_dir}' holds a {stored.method}/{stored.model.name} run that does not "
-                          f"match this {config.method}/{config.model.name} configuration: choose another --out")
-    return last
+    path = os.path.join(callback.dirpath, LAST_CHECKPOINT)
+    trainer.save_checkpoint(path)
+    return path
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C, SIGTERM and SIGUSR1 (SLURM's pre-emption warning, ``#SBATCH --signal=USR1@90``) stop training at the
+    end of the current optimizer step: save ``last.ckpt`` there, then raise :class:`TrainingInterrupted`.
+    A second Ctrl-C stops at once (Lightning's own shutdown). Under DDP any process's signal stops all of them."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._handler)
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not trainer.fit_loop._should_accumulate():
+            path = save_resume_point(trainer)
+            raise TrainingInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)
 
 
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     train = config.train
-    checkpointing = ModelCheckpoint(dirpath=run_dir / CHECKPOINT_DIR, filename="epoch{epoch:03d}",
-                                    auto_insert_metric_name=False, save_last=True,
-                                    every_n_epochs=train.checkpoint_every_epochs or None,
-                                    save_top_k=-1 if train.checkpoint_every_epochs else 0)
+    checkpointing = RunCheckpoint(run_dir / CHECKPOINT_DIR, every_n_epochs=train.checkpoint_every_epochs,
+                                  keep=train.keep_checkpoints, every_n_steps=train.checkpoint_every_steps)
     loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
-    all_callbacks = [checkpointing, *callbacks]
+    all_callbacks = [checkpointing, StopOnSignal(), *callbacks]
     if train.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, train.log_every_steps)))
     devices: Any = int(train.devices) if str(train.devices).isdigit() else train.devices
@@ -242,47 +373,91 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback
         gradient_clip_val=train.grad_clip, logger=loggers, callbacks=all_callbacks,
         log_every_n_steps=train.log_every_steps, enable_progress_bar=train.progress_bar,
         use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
-        default_root_dir=run_dir)
+        default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
+
+
+def pretrain_identity(config: RunConfig, world_size: int, data_fingerprint_text: str | None) -> dict[str, Any]:
+    """What defines a pretraining run (see :mod:`leanmim.run`): every non-operational setting, the data's
+    fingerprint, the global batch and the resolved precision."""
+    derived = {"train.global_batch_size": config.train.batch_size * world_size * config.train.accumulate_grad_batches,
+               "train.precision": lightning_precision(config)}
+    if data_fingerprint_text is not None:
+        derived["data.fingerprint"] = data_fingerprint_text
+    return identity_of(config.to_dict(), derived)
+
+
+def legacy_identity(run_dir: Path, world_size: int) -> dict[str, Any] | None:
+    """A run written before ``run.json`` existed: the identity its newest checkpoint's config implies."""
+    if (run_dir / RUN_FILE).is_file():
+        return None
+    newest = newest_checkpoint(run_dir / CHECKPOINT_DIR, warn=False)
+    if newest is None:
+        return None
+    stored = RunConfig.from_dict(read_checkpoint(newest)["leanmim"]["config"], source=str(newest))
+    return pretrain_identity(stored, world_size, None)
 
 
 def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
-    """Pretrain ``config.method``; resumes when the run directory has a last checkpoint.
+    """Pretrain ``config.method``; resumes the run found in ``config.train.out`` when its identity matches.
 
-    Returns the run summary (also written to ``RUN_DIR/summary.json``).
+    Returns the run summary (also written to ``RUN_DIR/summary.json``). A rerun of a finished run changes
+    nothing and returns the stored summary. Raises :class:`TrainingInterrupted` after a signal (checkpoint saved).
     """
     config = resolve_config(config)
     run_dir = Path(config.train.out)
-    resume_from = check_resume(run_dir, config)
+    throughput = ThroughputSummary()
+    trainer = build_trainer(config, run_dir, [throughput, *callbacks])  # writes nothing yet
+    identity = pretrain_identity(config, trainer.world_size, data_fingerprint(config.data.path))
+    record = None
+    if trainer.is_global_zero:  # one process decides; under torchrun the others start at the same time
+        record = check_run_directory(run_dir, "pretrain", identity, config.train.extend,
+                                     legacy_identity(run_dir, trainer.world_size))
+        remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
+    resume_from = newest_checkpoint(run_dir / CHECKPOINT_DIR)
     data = build_pretrain_data(config.data.path, config.model.img_size, config.model.in_chans,
                                crop_min_scale=config.data.crop_min_scale, hflip=config.data.hflip,
                                max_memory_bytes=int(config.data.max_memory_gb * (1 << 30)),
                                augment=config.data.augment)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config.save_yaml(run_dir / "config.yaml")
+    per_process = config.train.batch_size * trainer.world_size
+    batches_per_epoch = len(data.dataset) // per_process
+    optimizer_steps_per_epoch = max(1, batches_per_epoch // config.train.accumulate_grad_batches)
+    total_steps = (config.train.max_steps if config.train.max_steps > 0
+                   else config.train.epochs * optimizer_steps_per_epoch)
+    if resume_from is not None and (checkpoint_step(resume_from) or 0) >= total_steps:
+        summary_path = run_dir / "summary.json"  # finished: change no file
+        stored = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        return {**stored, "run_dir": str(run_dir), "already_finished": True}
+
+    if trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if record is None or record.get("identity") != identity:  # new run, legacy run or --extend
+            write_run_file(run_dir, "pretrain", identity,
+                           {"data_path": str(Path(config.data.path).expanduser().resolve())
+                            if Path(config.data.path).expanduser().exists() else config.data.path,
+                            "world_size": trainer.world_size, "batch_size_per_process": config.train.batch_size})
+            config.save_yaml(run_dir / "config.yaml")
 
     L.seed_everything(config.train.seed, workers=True, verbose=False)
-    throughput = ThroughputSummary()
-    trainer = build_trainer(config, run_dir, [throughput, *callbacks])
     module = PretrainModule(config, data.batch_transform)
     if config.train.compile:
         module.method = torch.compile(module.method)
-    per_process = config.train.batch_size * trainer.world_size
-    module.batches_per_epoch = len(data.dataset) // per_process
-    optimizer_steps_per_epoch = max(1, module.batches_per_epoch // config.train.accumulate_grad_batches)
-    module.total_steps = (config.train.max_steps if config.train.max_steps > 0
-                          else config.train.epochs * optimizer_steps_per_epoch)
+    module.batches_per_epoch = batches_per_epoch
+    module.total_steps = total_steps
 
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # leanmim resumes mid-epoch itself (GlobalBatchSampler.resume_at), so Lightning's warning does not apply
+        warnings.filterwarnings("ignore", message=".*resuming from a checkpoint that ended before the epoch ended.*")
         trainer.fit(module, datamodule=PretrainData(data, config), ckpt_path=resume_from, weights_only=True)
+    loss = trainer.callback_metrics.get("loss_epoch")
     summary = {
         "method": config.method, "model": config.model.name, "run_dir": str(run_dir),
         "resumed_from": str(resume_from) if resume_from else None,
         "global_step": trainer.global_step, "epochs_completed": trainer.current_epoch,
         "total_steps": module.total_steps, "train_seconds_this_session": round(time.perf_counter() - started, 1),
         "images_per_second": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
-        "final_loss": float(trainer.callback_metrics.get("loss_epoch", float("nan"))),
+        "final_loss": float(loss) if loss is not None else None,
         "precision": lightning_precision(config), "world_size": trainer.world_size,
         "dataset": {"name": data.name, "images": data.num_images, "skipped_files": len(data.skipped_files),
                     "skipped_examples": data.skipped_files[:20]},
@@ -297,7 +472,5 @@ def write_summary(run_dir: Path, updates: dict[str, Any]) -> dict[str, Any]:
     path = run_dir / "summary.json"
     summary = json.loads(path.read_text()) if path.is_file() else {}
     summary.update(updates)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2))
-    tmp.replace(path)
+    atomic_write_text(path, dumps_strict(summary))
     return summary

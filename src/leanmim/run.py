@@ -1,0 +1,276 @@
+"""The run lifecycle in one place: a run directory's identity, resume-or-refuse, and safe output files.
+
+A run directory holds ``run.json``: everything that defines the run (its *identity*: method, model,
+method options, a fingerprint of the data, seed, batch sizes, schedule, optimiser, precision), plus
+facts that do not (where the data lay, the world size). Rerunning a command with the same identity
+resumes; any difference in the identity refuses with one line naming every differing field as
+``field: old -> new``. ``--extend`` is the one deliberate way to change a run: it allows a longer
+schedule (more epochs / steps) and nothing else.
+
+Used by ``pretrain`` and ``finetune`` alike; the output-file guard by ``export``, ``reconstruct``,
+``bench`` and ``probe``.
+
+Stdlib only (no torch): the CLI imports it to validate before anything heavy is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from .config import ConfigError
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+TMP_MARKER = ".tmp-"  # temporary files: ``.NAME.tmp-PID`` next to their target
+
+# Fields that change how a run is executed or reported, not what it computes.
+OPERATIONAL_FIELDS = frozenset({
+    "train.out", "train.accelerator", "train.devices", "train.num_nodes", "train.strategy", "train.compile",
+    "train.checkpoint_every_epochs", "train.checkpoint_every_steps", "train.keep_checkpoints", "train.extend",
+    "train.log_every_steps", "train.progress_bar", "train.logger", "train.overwrite",
+    "data.path", "data.max_memory_gb", "data.num_workers",
+    # fine-tuning
+    "out", "accelerator", "devices", "log_every_steps", "progress_bar", "data", "extend", "overwrite",
+    "keep_checkpoints", "checkpoint_every_steps",
+})
+# Fields ``--extend`` may change (a longer schedule).
+EXTENDABLE_FIELDS = frozenset({"train.epochs", "train.max_steps", "epochs", "max_steps"})
+
+
+# ----------------------------------------------------------------------------- data fingerprint
+
+def data_fingerprint(path: str) -> str:
+    """A cheap content fingerprint of a data source: ``"<N> files, <hash>"`` over sorted relative paths and sizes.
+
+    Fashion-MNIST: its idx files. A directory: every file below it (recursively). Anything else (e.g. a
+    shard pattern or URL): the string itself, plus the sizes of the local files it names.
+    """
+    from .data import FASHION_MNIST_ALIASES, FASHION_MNIST_DIR
+
+    root = Path(FASHION_MNIST_DIR if str(path).lower() in FASHION_MNIST_ALIASES else path).expanduser()
+    digest = hashlib.sha1()
+    count = 0
+    if root.is_dir():
+        for entry in sorted(_walk_files(root)):
+            relative, size = entry
+            digest.update(f"{relative}\0{size}\n".encode())
+            count += 1
+    elif root.is_file():
+        digest.update(f"{root.name}\0{root.stat().st_size}\n".encode())
+        count = 1
+    else:
+        digest.update(str(path).encode())
+        for local in _expand_braces(str(path)):
+            if os.path.isfile(local):
+                digest.update(f"{os.path.basename(local)}\0{os.path.getsize(local)}\n".encode())
+                count += 1
+    return f"{count} files, {digest.hexdigest()[:16]}"
+
+
+def _walk_files(root: Path) -> Iterable[tuple[str, int]]:
+    for directory, subdirs, files in os.walk(root, followlinks=True):
+        subdirs.sort()
+        for name in files:
+            full = os.path.join(directory, name)
+            try:
+                size = os.path.getsize(full)
+            except OSError:
+                continue
+            yield os.path.relpath(full, root), size
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    """``a{000..002}b`` -> [a000b, a001b, a002b] (one numeric range; enough to find local shard files)."""
+    import re
+
+    match = re.search(r"\{(\d+)\.\.(\d+)\}", pattern)
+    if not match:
+        return [pattern]
+    first, last = match.group(1), match.group(2)
+    width = len(first)
+    numbers = range(int(first), int(last) + 1)
+    if len(numbers) > 100_000:
+        return []
+    return [pattern[:match.start()] + str(n).zfill(width) + pattern[match.end():] for n in numbers]
+
+
+# ----------------------------------------------------------------------------- identity
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1} (lists kept as values)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def identity_of(settings: dict[str, Any], derived: dict[str, Any]) -> dict[str, Any]:
+    """The identity: every flattened setting that is not operational, plus ``derived`` facts (fingerprint, …)."""
+    flat = {key: value for key, value in flatten(settings).items() if key not in OPERATIONAL_FIELDS}
+    flat.update(derived)
+    return dict(sorted(flat.items()))
+
+
+def show(value: Any) -> str:
+    return "none" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def identity_differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
+    """``["field: old -> new", …]`` for every field that differs (absent counts as none)."""
+    skip = set(ignore)
+    return [f"{key}: {show(old.get(key))} -> {show(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if key not in skip and old.get(key) != new.get(key)]
+
+
+def read_run_file(run_dir: Path) -> dict[str, Any] | None:
+    path = run_dir / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"'{path}' is unreadable or not JSON: the run directory is damaged; "
+                          f"choose another --out (or restore the file)") from None
+    if not isinstance(record, dict) or not isinstance(record.get("identity"), dict):
+        raise ConfigError(f"'{path}' is not a leanmim run record: choose another --out")
+    return record
+
+
+def is_leanmim_run(run_dir: Path) -> bool:
+    return (run_dir / RUN_FILE).is_file() or ((run_dir / "config.yaml").is_file() and (run_dir / CHECKPOINT_DIR).is_dir())
+
+
+def check_run_directory(run_dir: Path, kind: str, identity: dict[str, Any], extend: bool,
+                        legacy_identity: dict[str, Any] | None = None, flag: str = "--out") -> dict[str, Any] | None:
+    """Decide whether ``run_dir`` may be used for a run with ``identity``; returns the stored record (or None: new).
+
+    Refuses (one-line ConfigError) when ``run_dir`` is a file, a non-empty directory that is not a leanmim
+    run, a run of another kind, or a run whose identity differs (naming every difference).
+    ``legacy_identity``: the identity of a run written before ``run.json`` existed (from its checkpoint).
+    """
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"{flag} '{run_dir}' is a file, not a directory: choose a new directory for {flag}")
+    if not run_dir.exists():
+        return None
+    record = read_run_file(run_dir)
+    if record is None:
+        if legacy_identity is not None:
+            record = {"kind": kind, "identity": legacy_identity, "legacy": True}
+        elif any(run_dir.iterdir()):
+            raise ConfigError(f"{flag} '{run_dir}' exists, is not empty and is not a leanmim {kind} run: "
+                              f"choose a new or empty directory (nothing was written there)")
+        else:
+            return None
+    if record.get("kind", kind) != kind:
+        raise ConfigError(f"{flag} '{run_dir}' holds a {record.get('kind')} run, not a {kind} run: choose another {flag}")
+    stored = record["identity"]
+    ignore = set()
+    if record.get("legacy"):  # old runs recorded no fingerprint: compare what they did record
+        ignore = {key for key in identity if key not in stored}
+    if stored.get("train.global_batch_size") == identity.get("train.global_batch_size"):
+        ignore.add("train.batch_size")  # same global batch on another number of processes: same run
+    differences = identity_differences(stored, identity, ignore)
+    if not differences:
+        return record
+    blocking = [d for d in differences if d.split(":", 1)[0] not in EXTENDABLE_FIELDS]
+    if extend and not blocking:
+        _check_longer(stored, identity, run_dir)
+        return record
+    ways = (f"choose another {flag} for a new run, or rerun with the recorded settings to resume"
+            + ("" if blocking else "; to train this run longer, add --extend (the warmup-cosine learning-rate "
+                                   "schedule is recomputed over the new length)"))
+    raise ConfigError(f"{flag} '{run_dir}' holds a different {kind} run ({'; '.join(differences)}): {ways}")
+
+
+def _check_longer(stored: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
+    for key in EXTENDABLE_FIELDS:
+        if key in stored and key in new and isinstance(new[key], int) and isinstance(stored[key], int):
+            if new[key] < stored[key] and new[key] > 0:
+                raise ConfigError(f"--extend only lengthens a run: {key} {stored[key]} -> {new[key]} is shorter "
+                                  f"('{run_dir}'); pass a larger value")
+
+
+def write_run_file(run_dir: Path, kind: str, identity: dict[str, Any], facts: dict[str, Any]) -> None:
+    from . import __version__
+
+    atomic_write_text(run_dir / RUN_FILE, dumps_strict({"kind": kind, "leanmim_version": __version__,
+                                                        "identity": identity, "facts": facts}))
+
+
+# ----------------------------------------------------------------------------- output files
+
+def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
+    """Validate a file a command is about to write; one-line ConfigError when it must not be written."""
+    path = Path(path)
+    if str(path).strip() == "" or path.name in ("", ".", ".."):
+        raise ConfigError(f"{flag} '{path}' is not a file name: pass a path such as out{suffixes[0] if suffixes else ''}")
+    if path.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a directory: pass a file path inside it, e.g. "
+                          f"'{path / ('out' + (suffixes[0] if suffixes else ''))}'")
+    if suffixes and path.suffix.lower() not in suffixes:
+        raise ConfigError(f"{flag} '{path}' must end in {' or '.join(suffixes)}")
+    if CHECKPOINT_DIR in path.resolve().parent.parts and is_leanmim_run(_run_dir_above(path.resolve().parent)):
+        raise ConfigError(f"{flag} '{path}' lies inside a run's {CHECKPOINT_DIR}/ directory, which leanmim manages: "
+                          f"write it elsewhere")
+    if path.exists() and not overwrite:
+        raise ConfigError(f"{flag} '{path}' already exists: pass --overwrite to replace it, or choose another name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"{flag} '{path}': '{path.parent}' is a file, not a directory")
+    return path
+
+
+def _run_dir_above(directory: Path) -> Path:
+    while directory.name != CHECKPOINT_DIR and directory != directory.parent:
+        directory = directory.parent
+    return directory.parent
+
+
+def dumps_strict(values: Any) -> str:
+    """JSON with NaN/inf written as null (strict JSON; Python's default writes NaN)."""
+    return json.dumps(_finite(values), indent=2, allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+def temporary_path(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place: beside it (same filesystem), hidden."""
+    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(path)
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Delete ``.NAME.tmp-PID`` files a killed write left behind in ``directory``; returns them."""
+    removed = []
+    if directory.is_dir():
+        for candidate in directory.glob(f".*{TMP_MARKER}*"):
+            if candidate.is_file():
+                candidate.unlink(missing_ok=True)
+                removed.append(candidate)
+    return removed
