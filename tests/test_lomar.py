@@ -11,7 +11,7 @@ from leanmim.cost import count_forward
 from leanmim.export import export_encoder, load_relpos_encoder
 from leanmim.losses import normalized_pixels
 from leanmim.methods import build_method
-from leanmim.relpos import CLS_BUCKET, RelPosBlock, RelPosViTEncoder, axis_bucket, relative_buckets
+from leanmim.relpos import CLS_BUCKET, RelPosAttention, RelPosBlock, RelPosViTEncoder, axis_bucket, relative_buckets
 from leanmim.tokens import BatchRandom, random_mask_of_size, random_windows
 
 
@@ -79,27 +79,68 @@ def test_relative_buckets_take_the_stated_values():
     assert len(relative_buckets((9, 9))[1:, 1:].unique()) == 49
 
 
-def test_block_with_zero_relative_term_equals_timm_block_and_with_it_matches_hand_attention():
+@pytest.mark.parametrize("relative_term", ["added", "scaled"])
+def test_block_with_zero_relative_term_equals_timm_block_and_with_it_matches_hand_attention(relative_term):
     torch.manual_seed(0)
     dim, heads, grid = 32, 4, (3, 3)
-    ours = RelPosBlock(dim, heads).eval()
+    ours = RelPosBlock(dim, heads, relative_term=relative_term).eval()
     plain = Block(dim, heads, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6)).eval()
     state = {name: value for name, value in ours.state_dict().items() if "relative" not in name}
     plain.load_state_dict(state)
     tokens, buckets = torch.randn(2, 10, dim), relative_buckets(grid)
     assert torch.allclose(ours(tokens, buckets), plain(tokens), atol=1e-6)
 
-    # with a table: logits = scale · q · (k_j + r[bucket(i, j)]), the same r for every head
+    # with a table, the same r for every head. The authors' iRPE ("added"):
+    #     logits = scale · q·kᵀ + q·r[bucket(i, j)]ᵀ      (vision_transformer_irpe.py: attn = q@kᵀ·scale + rpe_k(q))
+    # the ablation ("scaled"): logits = scale · q·(k_j + r[bucket(i, j)])ᵀ
     nn.init.normal_(ours.attn.relative_table)
     attention = ours.attn
     normed = ours.norm1(tokens)
     q, k, v = attention.qkv(normed).reshape(2, 10, 3, heads, dim // heads).permute(2, 0, 3, 1, 4)
     table = attention.relative_table[buckets]                                  # (N, N, d)
-    logits = attention.scale * (q @ k.transpose(-1, -2) + torch.einsum("bhid,ijd->bhij", q, table))
+    position_term = torch.einsum("bhid,ijd->bhij", q, table)
+    scale = (dim // heads) ** -0.5
+    if relative_term == "added":
+        logits = scale * (q @ k.transpose(-1, -2)) + position_term
+    else:
+        logits = scale * (q @ k.transpose(-1, -2)) + scale * position_term
     mixed = (logits.softmax(-1) @ v).transpose(1, 2).reshape(2, 10, dim)
     expected = tokens + attention.proj(mixed)
     expected = expected + ours.mlp(ours.norm2(expected))
     assert torch.allclose(ours(tokens, buckets), expected, atol=1e-5)
+
+
+def test_relative_term_forms_on_a_one_head_two_token_hand_case():
+    """Head width 4 (scale 1/2), identity projections, tokens [cls, patch] on a 1×1 grid: every pair is the
+    cls bucket except (patch, patch), the centre bucket 24. Logits written out by hand for both forms."""
+    x = torch.tensor([[[1.0, 0.0, 0.0, 0.0], [0.0, 2.0, 0.0, 0.0]]])         # (B=1, N=2, D=4)
+    buckets = relative_buckets((1, 1))
+    assert buckets.tolist() == [[CLS_BUCKET, CLS_BUCKET], [CLS_BUCKET, 24]]
+    for relative_term, expected_logits in (
+            # scale·q·k: [[0.5, 0], [0, 2]]; q·r: r[49] = (1, 1, 0, 0), r[24] = (0, 3, 0, 0) -> [[1, 1], [2, 6]]
+            ("added", [[0.5 + 1, 0 + 1], [0 + 2, 2 + 6]]),
+            ("scaled", [[0.5 + 0.5, 0 + 0.5], [0 + 1, 2 + 3]])):
+        attention = RelPosAttention(4, num_heads=1, qkv_bias=False, relative_term=relative_term)
+        with torch.no_grad():
+            attention.qkv.weight.copy_(torch.eye(4).repeat(3, 1))               # q = k = v = x
+            attention.proj.weight.copy_(torch.eye(4))
+            attention.proj.bias.zero_()
+            attention.relative_table.zero_()
+            attention.relative_table[CLS_BUCKET, :2] = 1.0
+            attention.relative_table[24, 1] = 3.0
+        weights = torch.tensor(expected_logits).softmax(-1)                         # (N, N)
+        assert torch.allclose(attention(x, buckets)[0], weights @ x[0], atol=1e-6), relative_term
+
+
+def test_relative_term_option_reaches_every_block_and_bad_values_are_one_line_errors():
+    assert lomar().options.relative_term == "added"
+    method = build_method("lomar", tiny_model().resolved(), {"window_size": 2, "relative_term": "scaled"})
+    assert {block.attn.relative_term for block in method.encoder.blocks} == {"scaled"}
+    assert method.encoder.resized(32).blocks[0].attn.relative_term == "scaled"
+    with pytest.raises(ConfigError, match="relative_term: 'bias' is not one of added, scaled"):
+        build_method("lomar", tiny_model().resolved(), {"relative_term": "bias"})
+    with pytest.raises(ConfigError, match="relative_term must be one of added, scaled, got 'bias'"):
+        RelPosViTEncoder(16, 4, 1, 32, 1, 2, relative_term="bias")
 
 
 def test_same_weights_run_on_7_14_and_24_grids_and_relative_positions_matter():
@@ -196,6 +237,18 @@ def test_export_then_load_gives_the_same_features(tmp_path):
     assert larger.grid_size == (8, 8)
     images = torch.randn(2, 1, 32, 32)
     assert torch.allclose(larger.forward_features(images), method.encoder.forward_features(images), atol=1e-6)
+    scaled = build_method("lomar", tiny_model().resolved(), {"window_size": 2, "relative_term": "scaled"}).encoder
+    randomize_relative_tables(scaled)
+    path = export_encoder(scaled.eval(), method.model_config, tmp_path / "scaled.safetensors")
+    assert load_relpos_encoder(path).relative_term == "scaled"
+    # an export written before the key existed (no "relative_term" in its metadata) was the "scaled" form
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = {key: value for key, value in handle.metadata().items() if key != "relative_term"}
+    save_file(load_file(str(path)), str(tmp_path / "old.safetensors"), metadata=metadata)
+    old = load_relpos_encoder(tmp_path / "old.safetensors").eval()
+    assert torch.equal(old.forward_features(images), scaled.forward_features(images))
     timm_path = export_encoder(build_method("mae", tiny_model().resolved(), {}).encoder, tiny_model().resolved(),
                                tmp_path / "mae.safetensors")
     with pytest.raises(ConfigError, match="not a"):

@@ -82,6 +82,8 @@ def load_relpos_encoder(path: str | Path, img_size: int | None = None) -> RelPos
     sizes = {key: int(metadata[key]) for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
     if img_size is not None:
         sizes["img_size"] = img_size
-    encoder = RelPosViTEncoder(**sizes, mlp_ratio=float(metadata["mlp_ratio"]))
+    # exports written before the "relative_term" key existed used the "scaled" form
+    encoder = RelPosViTEncoder(**sizes, mlp_ratio=float(metadata["mlp_ratio"]),
+                               relative_term=metadata.get("relative_term", "scaled"))
     encoder.load_state_dict(state)
     return encoder

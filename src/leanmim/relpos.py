@@ -1,21 +1,35 @@
 """A ViT encoder with relative positions instead of an absolute position embedding (LoMaR, METHODS.md §4).
 
 Every attention block adds a *contextual relative position term on keys* (iRPE, Wu et al. 2021,
-the variant LoMaR uses): the logit of query i for key j is
+the variant LoMaR uses). By default the logit of query i for key j is, as in the authors' code,
 
-    scale · qᵢ · (kⱼ + r[bucket(i, j)])
+    scale · qᵢ · kⱼ  +  qᵢ · r[bucket(i, j)]                         (relative_term = "added")
 
-with one learned table r of (50, head_dim) per block, shared over heads. The bucket of a pair of
-patches is a saturating function of their row and column offsets (|Δ| = 0, 1, 2, 3, ≥4 → 0, 1, 2,
-2, 3 per axis, sign kept: 7 × 7 = 49 buckets) plus one bucket for every pair involving the cls
-token. Because the buckets saturate, the same weights run on any grid size: a 7×7 pretraining
-window, the 14×14 grid at 224 px or the 28×28 grid at 448 px, without interpolation.
+with one learned table r of (50, head_dim) per block, shared over heads, zero at initialisation.
+The ablation form ``relative_term = "scaled"`` (leanmim's earlier default) scales the position
+term too, scale · qᵢ · (kⱼ + r[bucket(i, j)]): the same functions, but in logit units the table
+then moves ``scale`` times (1/8 at head width 64) more slowly under AdamW.
+
+The bucket of a pair of patches is a saturating function of their row and column offsets
+(|Δ| = 0, 1, 2, 3, ≥4 → 0, 1, 2, 2, 3 per axis, sign kept: 7 × 7 = 49 buckets) plus one bucket
+for every pair involving the cls token. Because the buckets saturate, the same weights run on any
+grid size: a 7×7 pretraining window, the 14×14 grid at 224 px or the 28×28 grid at 448 px,
+without interpolation.
 
 DESIGN CHOICE: the contextual term (the authors' choice) rather than a per-head bias table: the
 iRPE ablations favour it, and it costs one (N × 50 × head_dim) product per block. It is passed
 to ``F.scaled_dot_product_attention`` as an additive ``attn_mask`` of shape (B, H, N, N), so the
 fused kernels stay in use (on CUDA the memory-efficient kernel, which back-propagates into the
 bias; on CPU torch falls back to its math kernel whenever the bias needs a gradient).
+
+DESIGN CHOICE: no weight decay on the tables (``engine.parameter_groups`` exempts names with
+"relative", as it exempts tokens and position embeddings; fine-tuning's layer-decay groups follow
+the same rule). The authors' optimizer setup decays them, as a side effect of timm's old
+``add_weight_decay`` rule (only 1-D parameters and biases exempt, which also decays the cls and
+mask tokens). We follow the Swin / BEiT practice of exempting relative position tables: here the
+table is the encoder's *only* position information, and decay pulls it toward a position-blind
+model. To reproduce the authors' optimizer exactly, drop the "relative" rule in
+``engine.parameter_groups``.
 """
 
 from __future__ import annotations
@@ -28,6 +42,7 @@ from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
+from .config import ConfigError
 from .encoder import init_encoder_weights
 from .tokens import grid_coordinates
 
@@ -36,6 +51,8 @@ _BUCKET_OF_DISTANCE = (0, 1, 2, 2, 3)
 AXIS_BUCKETS = 2 * _BUCKET_OF_DISTANCE[-1] + 1          # 7 signed buckets per axis: −3 … 3
 CLS_BUCKET = AXIS_BUCKETS * AXIS_BUCKETS                 # 49: any pair involving the cls token
 NUM_BUCKETS = CLS_BUCKET + 1                             # 50
+# "added": scale·q·kᵀ + q·rᵀ (the authors' iRPE); "scaled": scale·q·(k + r)ᵀ (ablation)
+RELATIVE_TERMS = ("added", "scaled")
 
 
 def axis_bucket(offset: Tensor) -> Tensor:
@@ -53,20 +70,31 @@ def relative_buckets(grid_size: tuple[int, int], device: torch.device | str = "c
     return F.pad(patch_buckets, (1, 0, 1, 0), value=CLS_BUCKET)
 
 
+def check_relative_term(relative_term: str) -> str:
+    if relative_term not in RELATIVE_TERMS:
+        raise ConfigError(f"relative_term must be one of {', '.join(RELATIVE_TERMS)}, got '{relative_term}'")
+    return relative_term
+
+
 class RelPosAttention(Attention):
     """timm's ``Attention`` plus a contextual relative position term on keys, shared over heads.
 
     ``relative_table``: (NUM_BUCKETS, head_dim), zero at initialisation (the block then equals a
-    plain timm ``Block`` with no position information, as in iRPE).
+    plain timm ``Block`` with no position information, as in iRPE). ``relative_term``: "added"
+    (qᵢ · r added to the scaled logits, the authors' form) or "scaled" (scale · qᵢ · r).
     """
 
-    def __init__(self, dim: int, num_heads: int = 8, **kwargs):
+    def __init__(self, dim: int, num_heads: int = 8, relative_term: str = "added", **kwargs):
         super().__init__(dim, num_heads, **kwargs)
+        self.relative_term = check_relative_term(relative_term)
         self.relative_table = nn.Parameter(torch.zeros(NUM_BUCKETS, self.head_dim))
 
     def relative_bias(self, queries: Tensor, buckets: Tensor) -> Tensor:
-        """scale · qᵢ · r[bucket(i, j)]: queries (B, H, N, d), buckets (N, N) -> (B, H, N, N) additive bias."""
-        per_bucket = (queries * self.scale) @ self.relative_table.to(queries.dtype).t()   # (B, H, N, NUM_BUCKETS)
+        """qᵢ · r[bucket(i, j)] ("added") or scale · qᵢ · r[bucket(i, j)] ("scaled"):
+        queries (B, H, N, d), buckets (N, N) -> (B, H, N, N) additive bias to the scaled logits."""
+        if self.relative_term == "scaled":
+            queries = queries * self.scale
+        per_bucket = queries @ self.relative_table.to(queries.dtype).t()                  # (B, H, N, NUM_BUCKETS)
         return torch.gather(per_bucket, -1, buckets.expand(*per_bucket.shape[:2], -1, -1))
 
     def forward(self, x: Tensor, buckets: Tensor) -> Tensor:
@@ -85,9 +113,11 @@ class RelPosBlock(Block):
     """timm's pre-norm ``Block`` whose attention is :class:`RelPosAttention`; same parameter names plus
     ``attn.relative_table``."""
 
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, drop_path: float = 0.0,
+                 relative_term: str = "added"):
         super().__init__(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=drop_path,
                          norm_layer=partial(nn.LayerNorm, eps=1e-6), attn_layer=RelPosAttention)
+        self.attn.relative_term = check_relative_term(relative_term)   # timm's Block takes an attention class only
 
     def forward(self, x: Tensor, buckets: Tensor) -> Tensor:
         """x: (B, N, D), buckets: (N, N) -> (B, N, D)."""
@@ -106,18 +136,20 @@ class RelPosViTEncoder(nn.Module):
     """
 
     def __init__(self, img_size: int, patch_size: int, in_chans: int, embed_dim: int, depth: int,
-                 num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0):
+                 num_heads: int, mlp_ratio: float = 4.0, drop_path_rate: float = 0.0, relative_term: str = "added"):
         super().__init__()
         self.img_size, self.patch_size, self.in_chans = img_size, patch_size, in_chans
         self.embed_dim, self.depth, self.num_heads = embed_dim, depth, num_heads
         self.mlp_ratio, self.drop_path_rate = mlp_ratio, drop_path_rate
+        self.relative_term = check_relative_term(relative_term)
         # strict_img_size=False: LoMaR embeds window crops, fine-tuning may use another resolution.
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=False)
         self.grid_size: tuple[int, int] = tuple(self.patch_embed.grid_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
-        self.blocks = nn.ModuleList(RelPosBlock(embed_dim, num_heads, mlp_ratio, rate) for rate in rates)
+        self.blocks = nn.ModuleList(RelPosBlock(embed_dim, num_heads, mlp_ratio, rate, relative_term)
+                                    for rate in rates)
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.initialize_weights()
 
@@ -128,7 +160,8 @@ class RelPosViTEncoder(nn.Module):
     def architecture(self) -> dict:
         """Keyword arguments that rebuild this encoder (export metadata)."""
         return dict(img_size=self.img_size, patch_size=self.patch_size, in_chans=self.in_chans,
-                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio)
+                    embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, mlp_ratio=self.mlp_ratio,
+                    relative_term=self.relative_term)
 
     def resized(self, img_size: int) -> "RelPosViTEncoder":
         """The same encoder (same weights, copied) for images of ``img_size`` pixels."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, option
 from ..losses import reconstruction_loss
-from ..relpos import RelPosViTEncoder
+from ..relpos import RELATIVE_TERMS, RelPosViTEncoder, check_relative_term
 from ..tokens import BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
@@ -38,9 +38,12 @@ class LoMaROptions:
     window_size: int = option(7, "window side m in patches (m × m patches per window; at most the grid side)")
     mask_ratio: float = option(0.8, "fraction of each window's patches replaced by the mask token (⌊m²·r⌋)")
     norm_pix_loss: bool = option(True, "regress per-patch normalized pixels")
+    relative_term: str = option("added", "relative position logit: 'added' scale·q·k + q·r (authors' iRPE) or "
+                                         "'scaled' scale·q·(k + r) (ablation)", choices=RELATIVE_TERMS)
 
     def __post_init__(self):
         check_ratio("mask_ratio", self.mask_ratio)
+        check_relative_term(self.relative_term)
         if self.num_windows < 1:
             raise ConfigError(f"num_windows must be at least 1, got {self.num_windows}")
         if self.window_size < 1:
@@ -55,9 +58,9 @@ class LoMaROptions:
         return int(self.window_size * self.window_size * self.mask_ratio)
 
 
-def build_relpos_encoder(model: ModelConfig) -> RelPosViTEncoder:
+def build_relpos_encoder(model: ModelConfig, relative_term: str = "added") -> RelPosViTEncoder:
     return RelPosViTEncoder(model.img_size, model.patch_size, model.in_chans, model.embed_dim, model.depth,
-                            model.num_heads, model.mlp_ratio, model.drop_path)
+                            model.num_heads, model.mlp_ratio, model.drop_path, relative_term)
 
 
 @register_method
@@ -72,7 +75,7 @@ class LoMaR(MIMMethod):
             raise ConfigError(f"window_size {options.window_size} does not fit the {model.grid_size[0]}×"
                               f"{model.grid_size[1]} patch grid (img_size {model.img_size} / patch {model.patch_size}): "
                               f"use --window-size {min(model.grid_size)} or less")
-        self.encoder = build_relpos_encoder(model)
+        self.encoder = build_relpos_encoder(model, options.relative_term)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))
         self.head = nn.Linear(model.embed_dim, model.patch_dim)
         nn.init.normal_(self.mask_token, std=0.02)
