@@ -12,6 +12,7 @@ import torch
 from .checkpoint import load_run
 from .config import ConfigError, ModelConfig, RunConfig
 from .encoder import pool_features
+from .run import atomic_write_text, check_output_file, dumps_strict
 
 
 def pretrain(config: RunConfig | dict | str | Path = None, callbacks=(), **train_overrides: Any) -> dict[str, Any]:
@@ -31,18 +32,25 @@ def pretrain(config: RunConfig | dict | str | Path = None, callbacks=(), **train
 
 def probe(run: str | Path | None = None, data: str | None = None, baseline: str | None = None, pool: str = "mean",
           k: int = 20, temperature: float = 0.07, linear_epochs: int = 100, batch_size: int = 256,
-          precision: str = "auto", seed: int = 0) -> dict[str, Any]:
+          precision: str = "auto", seed: int = 0, val_fraction: float = 0.0, split_seed: int = 0,
+          labels_per_class: int | None = None, label_fraction: float | None = None) -> dict[str, Any]:
     """Frozen-feature evaluation (weighted kNN + linear probe) on the labelled train/test splits.
 
     ``baseline``: None (the run's encoder), ``"random"`` (same architecture, untrained) or
     ``"raw"`` (raw pixels; needs no run). Results are written to ``RUN_DIR/probe*.json``.
+    The probe chooses nothing (fixed k, epochs and learning rate), so it needs no validation split; a
+    ``val_fraction`` > 0 leaves out the images ``finetune`` validates on at that ``split_seed``, so that
+    ``labels_per_class`` / ``label_fraction`` (stratified, seeded subsets of the rest) draw the very
+    images a fine-tune with the same options trains on.
     """
     from .data import build_labelled_splits, default_channels, default_img_size
     from .engine import bf16_supported, write_summary
     from .evaluate import probe as run_probe, raw_pixel_features
+    from .splits import carve_splits
 
     if baseline not in (None, "random", "raw"):
         raise ConfigError(f"unknown baseline '{baseline}': use random or raw")
+    check_probe_settings(k, temperature, linear_epochs, batch_size)
     loaded = load_run(run) if run is not None else None
     if loaded is None and baseline != "raw":
         raise ConfigError("probe needs a run directory or checkpoint (or --baseline raw with --data)")
@@ -53,6 +61,10 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
         size = default_img_size(data) or 224
         model = ModelConfig(img_size=size, patch_size=size).resolved(size, default_channels(data))  # raw pixels: geometry only
     splits = build_labelled_splits(data, model.img_size, model.in_chans)
+    subsets = carve_splits(splits.train, splits.test, val_fraction, split_seed, labels_per_class, label_fraction)
+    if k > len(subsets.train):
+        raise ConfigError(f"--k {k} is larger than the {len(subsets.train)} labelled training images: "
+                          f"pass --k {min(20, len(subsets.train))} or less")
 
     if baseline == "raw":
         feature_fn, name = raw_pixel_features, "raw pixels"
@@ -65,26 +77,58 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
         encoder = method.encoder
         feature_fn = lambda images: pool_features(encoder.forward_features(images), pool)  # noqa: E731
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported("cpu"))
-    result = run_probe(feature_fn, splits.train, splits.test, splits.num_classes, batch_transform=splits.batch_transform,
+    result = run_probe(feature_fn, subsets.train, splits.test, splits.num_classes, batch_transform=splits.batch_transform,
                        autocast_dtype=torch.bfloat16 if use_bf16 else None, k=k, temperature=temperature,
                        linear_epochs=linear_epochs, seed=seed, batch_size=batch_size)
-    report = {"features": name, "pool": pool if baseline != "raw" else None, "data": data, **result.as_dict()}
+    subset = {"val_fraction": val_fraction, "split_seed": split_seed, "labels_per_class": labels_per_class,
+              "label_fraction": label_fraction} if (val_fraction or labels_per_class or label_fraction) else {}
+    report = {"features": name, "pool": pool if baseline != "raw" else None, "data": data, **result.as_dict(), **subset}
     if loaded is not None:
         report["checkpoint"] = str(loaded.checkpoint_path)
         report["global_step"] = loaded.global_step
         run_dir = loaded.checkpoint_path.parent.parent
         if (run_dir / "config.yaml").is_file():
-            key = "probe" if baseline is None else f"probe_{baseline}"
-            (run_dir / f"{key}.json").write_text(json.dumps(report, indent=2))
-            write_summary(run_dir, {key: report})
+            # one file per probed checkpoint and setting: probes of other steps or settings never overwrite it
+            settings = {"baseline": baseline, "pool": report["pool"], "data": data, "k": k, "temperature": temperature,
+                        "linear_epochs": linear_epochs, "batch_size": batch_size, "precision": precision, "seed": seed,
+                        "global_step": loaded.global_step, **subset}
+            key = probe_result_name(settings)
+            atomic_write_text(run_dir / "probes" / f"{key}.json", dumps_strict(report))
+            summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+            write_summary(run_dir, {"probes": {**summary.get("probes", {}), key: report}})
+            report["saved_to"] = str(run_dir / "probes" / f"{key}.json")
     return report
 
 
-def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str | None = None, seed: int = 0) -> Path:
-    """Draw original / masked / reconstruction / reconstruction + visible for ``num_images`` images."""
+def check_probe_settings(k: int, temperature: float, linear_epochs: int, batch_size: int) -> None:
+    if k < 1:
+        raise ConfigError(f"--k must be at least 1, got {k}")
+    if not temperature > 0:
+        raise ConfigError(f"--temperature must be positive, got {temperature}")
+    if linear_epochs < 0:
+        raise ConfigError(f"--linear-epochs must be 0 (kNN only) or more, got {linear_epochs}")
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be at least 1, got {batch_size}")
+
+
+def probe_result_name(settings: dict[str, Any]) -> str:
+    """``encoder-mean-step1638-3f2a9c1e``: what was probed, at which step, and a hash of every other setting."""
+    import hashlib
+
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{settings['baseline'] or 'encoder'}-{settings['pool'] or 'pixels'}-step{settings['global_step']}-{digest}"
+
+
+def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str | None = None, seed: int = 0,
+                overwrite: bool = False) -> Path:
+    """Draw original / masked / reconstruction / reconstruction + visible for ``num_images`` images
+    (an existing ``out`` is refused unless ``overwrite``)."""
     from .data import build_pretrain_data
     from .reconstruct import reconstruction_panels, save_reconstruction_grid
 
+    if not 1 <= num_images <= 256:
+        raise ConfigError(f"--num-images must lie between 1 and 256, got {num_images}")
+    check_output_file(out, overwrite, suffixes=(".png",))
     loaded = load_run(run)
     model = loaded.config.model
     data = build_pretrain_data(data or loaded.config.data.path, model.img_size, model.in_chans, augment=False)
@@ -97,23 +141,43 @@ def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str
     return save_reconstruction_grid(panels, data.mean, data.std, out)
 
 
-def export(run: str | Path, out: str | Path) -> Path:
-    """Write the run's encoder as timm-loadable safetensors (a fine-tuning result: encoder, fc_norm and head)."""
-    from .export import export_encoder
-    from .finetune import export_finetuned, read_finetune_entry
+def export(run: str | Path, out: str | Path, overwrite: bool = False, format: str = "timm") -> Path:
+    """Write the run's weights for another library; an existing ``out`` is refused unless ``overwrite``.
 
+    ``timm`` (default): the encoder (a fine-tuning result: encoder, fc_norm and head) as a ``.safetensors`` file,
+    or, when ``out`` does not end in ``.safetensors``, a timm ``local-dir`` folder (``model.safetensors`` +
+    ``config.json``); both carry timm's ``pretrained_cfg`` (input size, the training data's mean/std, pooling).
+    ``hf``: a transformers directory (``ViTMAEForPreTraining`` with the decoder, else ``ViTModel``)."""
+    from .finetune import export_finetuned, read_finetune_entry
+    from .weights import check_output_directory, export_encoder, export_hf, run_data_stats
+
+    if format not in ("timm", "hf"):
+        raise ConfigError(f"unknown export format '{format}': use timm or hf")
+    if format == "hf" or Path(out).suffix != ".safetensors":
+        check_output_directory(out, overwrite)
+    else:
+        check_output_file(out, overwrite, suffixes=(".safetensors",))
     if read_finetune_entry(run) is not None:
+        if format == "hf":
+            raise ConfigError("--format hf writes pretrained encoders (transformers' ViTForImageClassification pools "
+                              "the cls token, leanmim's fine-tune the patch tokens): export the fine-tuning as timm")
+        if Path(out).suffix != ".safetensors":
+            raise ConfigError(f"a fine-tuned classifier exports to a .safetensors file: pass --out {out}.safetensors")
         return export_finetuned(run, out)
     loaded = load_run(run)
-    return export_encoder(loaded.method.encoder, loaded.config.model, out)
+    if format == "hf":
+        return export_hf(loaded.method, loaded.config.model, out, loaded.config.options)
+    mean, std = run_data_stats(loaded.checkpoint_path, loaded.config)
+    return export_encoder(loaded.method.encoder, loaded.config.model, out, mean, std)
 
 
 def finetune(run: str | Path, callbacks=(), **settings: Any) -> dict[str, Any]:
     """Fine-tune a run's encoder for classification (MAE protocol), like ``leanmim finetune``.
 
     ``settings`` are :class:`leanmim.finetune.FinetuneConfig` fields (epochs, batch_size, base_lr, lr,
-    token_drop, out, precision, …). Rerunning with the same ``out`` resumes. Returns the results
-    (best and last test top-1, accuracy per epoch), also written to ``OUT/finetune.json``.
+    token_drop, pool, val_fraction, labels_per_class, out, precision, …). Rerunning with the same ``out``
+    resumes. Returns the results (validation top-1 per epoch; the epoch selected on validation; test top-1
+    of the selected and of the last checkpoint), also written to ``OUT/finetune.json``.
     """
     from .finetune import FinetuneConfig, finetune as run_finetuning
 
@@ -124,12 +188,17 @@ def bench(methods: str | list[str] | None = None, model: str = "vit_base_patch16
           patch_size: int | None = None, in_chans: int = 3, steps: int = 10, batch_size: int = 32,
           precision: str = "auto", warmup_steps: int = 2, options: dict[str, dict[str, Any]] | None = None,
           model_overrides: dict[str, Any] | None = None, device: str = "auto",
-          plot: str | Path | None = None) -> dict[str, Any]:
+          plot: str | Path | None = None, overwrite: bool = False) -> dict[str, Any]:
     """Counted MACs, measured training img/s and peak memory of methods side by side, each relative to MAE,
     like ``leanmim bench``. ``methods``: names or a comma-separated string (default: every registered method);
     ``options``: per-method option overrides; ``plot``: also draw a PNG bar chart there."""
     from .bench import bench as run_bench, save_bench_plot
 
+    if plot is not None:
+        check_output_file(plot, overwrite, suffixes=(".png", ".pdf", ".svg"))
+    if steps < 1 or warmup_steps < 0 or batch_size < 1:
+        raise ConfigError(f"bench needs --steps >= 1, --warmup-steps >= 0 and --batch-size >= 1 "
+                          f"(got {steps}, {warmup_steps}, {batch_size})")
     model_config = ModelConfig(name=model, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                **(model_overrides or {})).resolved()
     if isinstance(methods, str):

@@ -41,7 +41,7 @@ def _load(path: Path, mmap: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        if "Unsupported global" in str(err) or "GLOBAL" in str(err):  # a class/function reference in the pickle
             raise ConfigError(f"refused to read '{path}': it holds Python objects other than tensors and plain "
                               f"containers, which leanmim never unpickles (is it a leanmim checkpoint?)") from None
         raise ConfigError(_corrupt_message(path)) from None

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -117,7 +118,9 @@ def command_pretrain(args) -> int:
 def command_probe(args) -> int:
     from . import api
     report = api.probe(args.run, data=args.data, baseline=args.baseline, pool=args.pool, k=args.k,
-                       temperature=args.temperature, linear_epochs=args.linear_epochs, precision=args.precision)
+                       temperature=args.temperature, linear_epochs=args.linear_epochs, precision=args.precision,
+                       val_fraction=args.val_fraction, split_seed=args.split_seed,
+                       labels_per_class=args.labels_per_class, label_fraction=args.label_fraction)
     if args.json:
         print(json.dumps(report))
     else:
@@ -129,13 +132,14 @@ def command_probe(args) -> int:
 
 def command_reconstruct(args) -> int:
     from . import api
-    print(api.reconstruct(args.run, args.out, num_images=args.num_images, data=args.data, seed=args.seed))
+    print(api.reconstruct(args.run, args.out, num_images=args.num_images, data=args.data, seed=args.seed,
+                          overwrite=args.overwrite))
     return 0
 
 
 def command_export(args) -> int:
     from . import api
-    print(api.export(args.run, args.out))
+    print(api.export(args.run, args.out, overwrite=args.overwrite))
     return 0
 
 
@@ -189,12 +193,16 @@ def command_finetune(args) -> int:
     results = api.finetune(args.run, **settings)
     if args.json:
         print(json.dumps(results))
-    elif results["best_top1"] is None:
+    elif results["selected_epoch"] is None:
         print(f"nothing to do: no epoch evaluated, output directory {results['out']}")
+    elif results["selected_test_top1"] is None:
+        print(f"stopped after {results['epochs_completed']} epochs (validation top-1 "
+              f"{100 * results['last_val_top1']:.2f}%): rerun to finish; output directory {results['out']}")
     else:
-        print(f"fine-tuned {results['method']} encoder, {results['epochs_completed']} epochs: test top-1 "
-              f"best {100 * results['best_top1']:.2f}%, last {100 * results['last_top1']:.2f}%; "
-              f"output directory {results['out']}")
+        print(f"fine-tuned {results['method']} encoder, {results['epochs_completed']} epochs; selected on validation: "
+              f"epoch {results['selected_epoch']} (val top-1 {100 * results['selected_val_top1']:.2f}%), test top-1 "
+              f"{100 * results['selected_test_top1']:.2f}%; last epoch: test top-1 "
+              f"{100 * results['last_test_top1']:.2f}%; output directory {results['out']}")
     return 0
 
 
@@ -221,7 +229,7 @@ def command_bench(args) -> int:
     result = api.bench(args.methods, model=name, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                        steps=args.steps, batch_size=args.batch_size, precision=args.precision,
                        warmup_steps=args.warmup_steps, options=parse_method_options(args.option),
-                       model_overrides=model, device=args.device, plot=args.out)
+                       model_overrides=model, device=args.device, plot=args.out, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result))
     else:
@@ -250,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--k", type=int, default=20, help="kNN neighbours [20]")
     probe.add_argument("--temperature", type=float, default=0.07, help="kNN temperature [0.07]")
     probe.add_argument("--linear-epochs", type=int, default=100, help="linear probe epochs [100]")
+    probe.add_argument("--labels-per-class", type=int, help="train on this many labelled images per class "
+                       "(stratified, seeded by --split-seed) [all]")
+    probe.add_argument("--label-fraction", type=float, help="train on this fraction of each class's images [1]")
+    probe.add_argument("--val-fraction", type=float, default=0.0, help="first leave out this fraction of each class, "
+                       "as finetune's validation split (the probe selects nothing) [0]")
+    probe.add_argument("--split-seed", type=int, default=0, help="seed of the left-out split and label subset [0]")
     probe.add_argument("--precision", default="auto", choices=("auto", "bf16", "32"))
     probe.add_argument("--json", action="store_true", help="print one JSON object")
     probe.set_defaults(handler=command_probe)
@@ -260,11 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--num-images", type=int, default=8)
     reconstruct.add_argument("--data", help="images (default: the run's data)")
     reconstruct.add_argument("--seed", type=int, default=0)
+    reconstruct.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     reconstruct.set_defaults(handler=command_reconstruct)
 
     export = commands.add_parser("export", help="write the encoder as timm-loadable safetensors")
     export.add_argument("run", help="run directory or checkpoint")
     export.add_argument("--out", required=True, help="FILE.safetensors")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.set_defaults(handler=command_export)
 
     cost = commands.add_parser("cost", help="count MACs per image and parameters")
@@ -312,24 +328,51 @@ def build_parser() -> argparse.ArgumentParser:
                        help="bf16 autocast or fp32 [auto: bf16 where the hardware supports it]")
     bench.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="[auto: cuda if available]")
     bench.add_argument("--out", help="also draw a PNG bar chart to this file")
+    bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(handler=command_bench)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .data import DataError
-    from .engine import NonFiniteLossError
+def one_line(text: str, limit: int = 400) -> str:
+    line = " ".join(str(text).split())
+    return line if len(line) <= limit else line[:limit - 1] + "…"
 
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Every failure ends in one ``leanmim: error:`` line and exit code 2 (a signal that stopped
+    training: one ``leanmim: interrupted`` line and 128 + the signal number, e.g. 130 for Ctrl-C)."""
     try:
         args = build_parser().parse_args(argv)
         return args.handler(args)
-    except (ConfigError, DataError, NonFiniteLossError) as err:
-        print(f"leanmim: error: {err}", file=sys.stderr)
+    except ConfigError as err:
+        print(f"leanmim: error: {one_line(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("leanmim: interrupted (rerun the same command to resume from the last checkpoint)", file=sys.stderr)
         return 130
+    except Exception as err:  # noqa: BLE001 - the one place that turns every failure into one line
+        engine = sys.modules.get("leanmim.engine")
+        if engine is not None and isinstance(err, engine.TrainingInterrupted):
+            print(f"leanmim: {err}", file=sys.stderr)
+            return err.exit_code
+        data = sys.modules.get("leanmim.data")
+        known = (data.DataError,) if data is not None else ()
+        known += (engine.NonFiniteLossError,) if engine is not None else ()
+        if isinstance(err, known):
+            print(f"leanmim: error: {one_line(err)}", file=sys.stderr)
+            return 2
+        if os.environ.get("LEANMIM_DEBUG"):
+            raise
+        if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
+            print("leanmim: error: out of memory: lower --batch-size (or --max-memory-gb for the data)", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError) and getattr(err, "filename", None):
+            print(f"leanmim: error: {err.strerror or type(err).__name__}: '{err.filename}'", file=sys.stderr)
+            return 2
+        print(f"leanmim: error: unexpected {type(err).__name__}: {one_line(err, 240)} (an unchecked input or a bug: "
+              f"rerun with LEANMIM_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
