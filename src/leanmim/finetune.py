@@ -1,53 +1,77 @@
-"""End-to-end fine-tuning of a pretrained encoder for classification: the MAE protocol, on Lightning.
+"""End-to-end fine-tuning of a pretrained encoder for classification, on Lightning, with selection on validation.
 
 One batch, from image to loss::
 
-    images (B, C, H, W) uint8 ─ RandomResizedCrop + flip + normalize (BatchMIMAugment)
-      ─▶ encoder.forward_features          (B, 1 + L', D)   drop path in every block, no final norm,
+    images (B, C, H, W) uint8
+      ─ RandAugment / TrivialAugment, per image (optional, torchvision)          uint8 (B, C, H, W)
+      ─ RandomResizedCrop + flip + normalize (BatchMIMAugment)                    (B, C, S, S) float
+      ─ random erasing (optional, timm, per-pixel normal noise: any channel count)
+      ─ mixup / cutmix (optional, timm): images and labels mixed with one drawn λ → soft targets (B, K)
+      ─▶ encoder.forward_features          (B, 1 + L', D)   drop path in every block,
                                                               optional token compression (--token-drop)
-      ─▶ mean of the patch tokens          (B, D)
-      ─▶ fc_norm (LayerNorm) ─▶ head (Linear)   (B, K) logits
-      ─▶ cross-entropy with label smoothing
+      ─▶ head, by --pool:  mean  patch-token mean → fc_norm (LayerNorm) → Linear   (B, K)   (MAE; timm 'avg')
+                           cls   final norm → cls token → Linear                  (B, K)   (timm 'token')
+                           tokens final norm → patch tokens flattened (B, L·D) → Linear (B, K)  (keeps the layout)
+      ─▶ cross-entropy (label smoothing), or soft-target cross-entropy under mixup/cutmix
 
-The recipe is MAE's (He et al. 2022, appendix A.2 / ``main_finetune.py``) without mixup, cutmix,
-RandAugment and random erasing: AdamW (β 0.9, 0.999, weight decay 0.05, none on biases, norms and
-tokens), lr = base_lr × batch / 256 with base_lr 5e-4, per-step linear warmup (5% of the steps, as
-MAE's 5 of 100 epochs) then cosine to min_lr 1e-6, layer-wise lr decay, drop path 0.1, label
-smoothing 0.1, head initialised with std 2e-5. The test split is evaluated after every epoch.
+Selection, honestly: a validation split is carved from the training split (seeded, stratified,
+``--val-fraction``; or the folder's own ``DIR/val/``; :mod:`leanmim.splits`). After every epoch the
+validation top-1 is measured; the first epoch with the highest one is *selected* and written to
+``checkpoints/best.ckpt``. Once training has finished, the test split is evaluated exactly twice — for
+the selected checkpoint and for the last — and never used to choose anything. With ``--ema-decay`` the
+evaluated (and selected, and exported) weights are the exponential moving average (timm ``ModelEmaV3``).
+``--labels-per-class`` / ``--label-fraction`` train on a stratified subset of what remains after the
+validation split (label efficiency).
+
+The default recipe is MAE's (He et al. 2022, appendix A.2 / ``main_finetune.py``) without mixup,
+cutmix, RandAugment and random erasing (each one flag away): AdamW (β 0.9, 0.999, weight decay 0.05,
+none on biases, norms and tokens), lr = base_lr × batch / 256 with base_lr 5e-4, per-step linear warmup
+(5% of the steps, as MAE's 5 of 100 epochs) then cosine to min_lr 1e-6, layer-wise lr decay, drop path
+0.1, label smoothing 0.1, head initialised with std 2e-5, mean pooling.
 
 DESIGN CHOICES
 - ``layer_decay`` 0.75 by default for every depth. MAE uses 0.65 for ViT-B (12 blocks) and 0.75 for
   ViT-L/H (and as ``main_finetune.py``'s default); our default targets the small encoders this
   library pretrains on a CPU (e.g. 8 blocks, where 0.65 would give the patch embedding 0.65⁹ ≈ 2% of
   the head's lr). Pass ``--layer-decay 0.65`` to reproduce the ViT-B recipe.
-- The encoder's final norm is removed and a fresh ``fc_norm`` applied after pooling, as MAE does with
-  global pooling and as timm's ``VisionTransformer(global_pool='avg')`` is built, so the fine-tuned
-  model exports to timm exactly (``fc_norm.*``, ``head.*``; see :func:`export_finetuned`).
+- Each head is built as timm builds ``VisionTransformer`` for the matching ``global_pool``, so the
+  fine-tuned model exports to timm exactly: ``mean`` removes the encoder's final norm and adds a fresh
+  ``fc_norm`` after pooling (``global_pool='avg'``); ``cls`` keeps the pretrained final norm and reads
+  the cls token (``'token'``). ``tokens`` has no timm pooling: it exports as ``global_pool=''`` (the
+  features) plus ``token_head.*``, the layout written in the metadata (see :func:`export_finetuned`).
 - ``crop_min_scale`` defaults to 0.08 (ImageNet's RandomResizedCrop) from 128 px up and to 0.5 for
   smaller images, where a crop of 8% of a 28 px image keeps almost nothing of the object.
+- RandAugment runs before the crop (MAE: after it), on the stored uint8 images, one image at a time
+  (torchvision draws one operation per call); every random draw of a step comes from a seed of
+  (``--seed``, step), so an interrupted run resumes exactly.
 - Drop path is set on the loaded encoder's blocks (timm ``Block.drop_path1/2``), rising linearly
   from 0 to ``drop_path`` with depth, so any method's encoder can be fine-tuned as loaded.
+- Ties in validation accuracy keep the earlier epoch (fewer steps, same evidence).
 
-Output directory (default ``RUN_DIR/finetune``): ``finetune.json`` (accuracy after every epoch,
-best and last), ``checkpoints/last.ckpt``, CSV and TensorBoard logs. Running the same command again
-resumes from ``checkpoints/last.ckpt``. The checkpoint's ``leanmim`` entry holds the pretraining
-run's config (``config``) and a ``finetune`` entry; its weights are ``classifier.encoder.*``,
-``classifier.fc_norm.*`` and ``classifier.head.*``. ``leanmim export`` recognises it.
+Output directory (default ``RUN_DIR/finetune``): ``finetune.json`` (validation top-1 after every
+epoch; the selected epoch; test top-1 of the selected and of the last checkpoint), ``checkpoints/last.ckpt``
+(resume point), ``checkpoints/best.ckpt`` (the selected epoch: what ``leanmim export`` writes), CSV and
+TensorBoard logs. Running the same command again resumes from ``checkpoints/last.ckpt``. A checkpoint's
+``leanmim`` entry holds the pretraining run's config (``config``) and a ``finetune`` entry; its weights
+are ``classifier.*`` (and ``ema.module.*`` with ``--ema-decay``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import json
 import os
+import random
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.layers import DropPath
@@ -57,13 +81,18 @@ from torch.utils.data import DataLoader
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, load_run
 from .config import ConfigError, DataConfig, RunConfig, TrainConfig, dataclass_from_dict, option
-from .data import BatchMIMAugment, LabelledSplits, build_labelled_splits
+from .data import BatchMIMAugment, DataError, build_labelled_splits
 from .encoder import ViTEncoder, pool_features
 from .engine import (GlobalBatchSampler, NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
                      write_summary)
 from .methods import build_method
+from .splits import TrainValTest, carve_splits, folder_val_split
 
 RESULTS_FILE = "finetune.json"
+BEST_CHECKPOINT = "best.ckpt"
+POOLS = ("mean", "cls", "tokens")
+TIMM_GLOBAL_POOL = {"mean": "avg", "cls": "token", "tokens": ""}   # timm VisionTransformer(global_pool=…)
+AUTO_AUGMENTS = ("none", "randaugment", "trivialaugment")
 
 
 @dataclass
@@ -72,6 +101,13 @@ class FinetuneConfig:
 
     out: str | None = option(None, "output directory (default: RUN_DIR/finetune); a last checkpoint there resumes")
     data: str | None = option(None, "labelled data with train/test splits (default: the run's data)", cli="data")
+    val_fraction: float = option(0.1, "fraction of each class of the training split held out to select the epoch "
+                                      "(ignored when DATA has train/, val/ and test/ folders: val/ is used)")
+    split_seed: int = option(0, "seed of the validation split and of the label subset")
+    labels_per_class: int | None = option(None, "train on this many labelled images per class (after the "
+                                                "validation split; label efficiency)")
+    label_fraction: float | None = option(None, "train on this fraction of each class's labelled images (after "
+                                                "the validation split; label efficiency)")
     epochs: int = option(10, "fine-tuning epochs (MAE: 100 on ImageNet)")
     batch_size: int = option(256, "images per device per step")
     base_lr: float = option(5e-4, "learning rate per 256 images (MAE ViT-B: 5e-4)")
@@ -81,10 +117,22 @@ class FinetuneConfig:
     weight_decay: float = option(0.05, "AdamW weight decay (never on biases, norms, tokens)")
     layer_decay: float = option(0.75, "layer-wise lr decay: block i of N gets lr × decay^(N + 1 − i) (MAE ViT-B: 0.65)")
     drop_path: float = option(0.1, "stochastic depth rate of the last block (rising linearly from 0)")
-    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy")
+    label_smoothing: float = option(0.1, "label smoothing of the cross-entropy (also of mixup's targets)")
+    pool: str = option("mean", "head: mean of patch tokens + fc_norm (MAE), cls token, or all patch tokens "
+                               "flattened (keeps the layout)", choices=POOLS)
+    mixup: float = option(0.0, "mixup alpha (timm Mixup; MAE: 0.8; 0: off)")
+    cutmix: float = option(0.0, "cutmix alpha (timm Mixup; MAE: 1.0; 0: off); with --mixup, one of the two per "
+                                "batch")
+    auto_augment: str = option("none", "per-image augmentation policy from torchvision (MAE: RandAugment m9 n2)",
+                               choices=AUTO_AUGMENTS)
+    random_erasing: float = option(0.0, "probability of erasing a random box with per-pixel noise (timm; MAE: 0.25)")
+    ema_decay: float = option(0.0, "exponential moving average of the weights (timm ModelEmaV3, with warmup); "
+                                   "the average is evaluated, selected and exported (0: off)")
     token_drop: float = option(0.0, "token compression (PCAE) at fine-tuning and evaluation: drop ratio per stage")
     from_scratch: bool = option(False, "ignore the pretrained weights: the run's architecture freshly initialised "
                                 "(seeded by --seed), i.e. the supervised baseline under the same recipe")
+    init_from: str | None = option(None, "fine-tune published weights instead of a leanmim run (MAE reference .pth, "
+                                         "timm .pth/.safetensors, transformers directory); architecture from the file")
     crop_min_scale: float | None = option(None, "smallest RandomResizedCrop area (default: 0.08 from 128 px up, else 0.5)")
     hflip: bool = option(True, "random horizontal flips")
     grad_clip: float | None = option(None, "clip the gradient norm to this value")
@@ -101,11 +149,33 @@ class FinetuneConfig:
             raise ConfigError("finetune: epochs and batch_size must be at least 1")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
-        for name in ("drop_path", "label_smoothing", "token_drop"):
+        for name in ("drop_path", "label_smoothing", "token_drop", "ema_decay"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must lie in [0, 1), got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"val_fraction must lie in (0, 1), got {self.val_fraction}: the epoch is selected "
+                              f"on the validation split, never on the test split")
+        if self.labels_per_class is not None and self.label_fraction is not None:
+            raise ConfigError("give --labels-per-class or --label-fraction, not both")
+        if self.labels_per_class is not None and self.labels_per_class < 1:
+            raise ConfigError(f"labels_per_class must be at least 1, got {self.labels_per_class}")
+        if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
+            raise ConfigError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
         if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale must lie in (0, 1], got {self.crop_min_scale}")
+        if self.mixup < 0 or self.cutmix < 0:
+            raise ConfigError(f"mixup and cutmix are Beta alphas: 0 (off) or positive, got {self.mixup}, {self.cutmix}")
+        if not 0.0 <= self.random_erasing <= 1.0:
+            raise ConfigError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
+        if self.mixes and self.batch_size % 2:
+            raise ConfigError(f"mixup/cutmix pair each image with the batch reversed: use an even --batch-size "
+                              f"(got {self.batch_size})")
+        if self.pool == "tokens" and self.token_drop > 0:
+            raise ConfigError("--pool tokens needs every patch token: drop --token-drop or use --pool mean/cls")
+
+    @property
+    def mixes(self) -> bool:
+        return self.mixup > 0 or self.cutmix > 0
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], source: str = "finetune") -> "FinetuneConfig":
@@ -134,12 +204,14 @@ def initial_encoder(loaded, from_scratch: bool, seed: int) -> nn.Module:
     return loaded.untrained_method(seed).encoder if from_scratch else loaded.method.encoder
 
 
-def prepare_encoder(encoder: nn.Module, drop_path: float) -> nn.Module:
-    """Make a pretrained encoder fine-tunable in place: final norm removed (``fc_norm`` replaces it) and drop
-    path rising linearly from 0 (first block) to ``drop_path`` (last block) in ``encoder.blocks``."""
+def prepare_encoder(encoder: nn.Module, drop_path: float, pool: str = "mean") -> nn.Module:
+    """Make a pretrained encoder fine-tunable in place: drop path rising linearly from 0 (first block) to
+    ``drop_path`` (last block) in ``encoder.blocks``; for ``pool='mean'`` the final norm is removed (``fc_norm``
+    replaces it after pooling, as timm's ``global_pool='avg'``), for ``cls`` and ``tokens`` it is kept."""
     if not hasattr(encoder, "norm") or not hasattr(encoder, "blocks"):
         raise ConfigError(f"the {type(encoder).__name__} encoder has no 'norm' and 'blocks': it cannot be fine-tuned")
-    encoder.norm = nn.Identity()
+    if pool == "mean":
+        encoder.norm = nn.Identity()
     rates = torch.linspace(0, drop_path, len(encoder.blocks)).tolist()
     for number, (block, rate) in enumerate(zip(encoder.blocks, rates)):
         for name in ("drop_path1", "drop_path2"):
@@ -155,26 +227,33 @@ def supports_token_drop(encoder: nn.Module) -> bool:
 
 
 class Classifier(nn.Module):
-    """encoder → mean of the patch tokens → ``fc_norm`` → ``head``: images (B, C, H, W) -> logits (B, K).
+    """encoder → pooling (``pool``) → head: images (B, C, H, W) -> logits (B, K).
 
-    ``encoder`` must have gone through :func:`prepare_encoder`. ``token_drop`` > 0 runs the encoder
-    with token compression (``forward_features(images, token_drop=R)``).
+    ``mean``: patch-token mean (B, D) → ``fc_norm`` → ``head``; ``cls``: cls token (B, D) → ``head``;
+    ``tokens``: patch tokens in grid order flattened (B, L·D) → ``head`` (a Linear(L·D, K)).
+    ``encoder`` must have gone through :func:`prepare_encoder` with the same ``pool``. ``token_drop`` > 0
+    runs the encoder with token compression (``forward_features(images, token_drop=R)``).
     """
 
-    def __init__(self, encoder: nn.Module, num_classes: int, token_drop: float = 0.0):
+    def __init__(self, encoder: nn.Module, num_classes: int, token_drop: float = 0.0, pool: str = "mean"):
         super().__init__()
+        if pool not in POOLS:
+            raise ConfigError(f"unknown fine-tuning pool '{pool}': use {', '.join(POOLS)}")
         if token_drop > 0 and not supports_token_drop(encoder):
             raise ConfigError(f"the {type(encoder).__name__} encoder has no token compression: drop --token-drop")
-        self.encoder, self.token_drop = encoder, token_drop
-        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6)
-        self.head = nn.Linear(encoder.embed_dim, num_classes)
+        if token_drop > 0 and pool == "tokens":
+            raise ConfigError("--pool tokens needs every patch token: drop --token-drop or use --pool mean/cls")
+        self.encoder, self.token_drop, self.pool = encoder, token_drop, pool
+        self.fc_norm = nn.LayerNorm(encoder.embed_dim, eps=1e-6) if pool == "mean" else nn.Identity()
+        features = encoder.embed_dim * (encoder.num_patches if pool == "tokens" else 1)
+        self.head = nn.Linear(features, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """(B, C, H, W) -> (B, D) pooled, normed image feature."""
+        """(B, C, H, W) -> (B, F) pooled image feature (F = D, or L·D for ``tokens``)."""
         encoder_kwargs = {"token_drop": self.token_drop} if self.token_drop > 0 else {}
-        return self.fc_norm(pool_features(self.encoder.forward_features(images, **encoder_kwargs), "mean"))
+        return self.fc_norm(pool_features(self.encoder.forward_features(images, **encoder_kwargs), self.pool))
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.forward_features(images))
@@ -182,8 +261,8 @@ class Classifier(nn.Module):
 
 def layer_decay_groups(classifier: Classifier, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """AdamW groups with an ``lr_scale`` each: layer 0 = embeddings (patch_embed, cls_token, …), layer i = block i,
-    layer N + 1 = fc_norm and head; scale = layer_decay^(N + 1 − layer). No weight decay on 1-D parameters,
-    tokens and position tables (the rule of ``engine.parameter_groups``)."""
+    layer N + 1 = the encoder's final norm (when kept), fc_norm and head; scale = layer_decay^(N + 1 − layer).
+    No weight decay on 1-D parameters, tokens and position tables (the rule of ``engine.parameter_groups``)."""
     depth = len(classifier.encoder.blocks)
     groups: dict[tuple[int, bool], dict[str, Any]] = {}
     for name, parameter in classifier.named_parameters():
@@ -191,7 +270,7 @@ def layer_decay_groups(classifier: Classifier, weight_decay: float, layer_decay:
             continue
         if name.startswith("encoder.blocks."):
             layer = int(name.split(".")[2]) + 1
-        elif name.startswith("encoder."):
+        elif name.startswith("encoder.") and not name.startswith("encoder.norm."):
             layer = 0
         else:
             layer = depth + 1
@@ -202,39 +281,116 @@ def layer_decay_groups(classifier: Classifier, weight_decay: float, layer_decay:
     return [groups[key] for key in sorted(groups)]
 
 
+# ----------------------------------------------------------------------------- augmentation
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Seed torch (CPU), NumPy and Python's ``random`` inside the block and restore them after: timm's Mixup,
+    RandomErasing and torchvision's policies draw from these global generators."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+class TrainAugment(nn.Module):
+    """The training view of a batch: (images uint8 (B, C, H, W), labels (B,)) -> (normalized (B, C, S, S),
+    targets): labels (B,) int64, or soft targets (B, K) float under mixup/cutmix (label smoothing folded in).
+
+    Order: auto-augment policy (per image, uint8) → crop + flip + normalize → random erasing → mixup/cutmix.
+    ``forward(..., seed=s)`` makes every draw a function of ``s``.
+    """
+
+    def __init__(self, crop: BatchMIMAugment, num_classes: int, auto_augment: str = "none",
+                 random_erasing: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, label_smoothing: float = 0.0):
+        super().__init__()
+        from timm.data import Mixup
+        from timm.data.random_erasing import RandomErasing
+        from torchvision.transforms import v2
+
+        self.crop = crop
+        self.policy = {"none": None, "randaugment": v2.RandAugment(), "trivialaugment": v2.TrivialAugmentWide()}[
+            auto_augment]
+        self.erasing = RandomErasing(random_erasing, mode="pixel", device="cpu") if random_erasing > 0 else None
+        self.mixup = None
+        if mixup > 0 or cutmix > 0:
+            self.mixup = Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix, label_smoothing=label_smoothing,
+                               num_classes=num_classes)
+
+    def forward(self, images: Tensor, labels: Tensor, seed: int) -> tuple[Tensor, Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        with seeded(seed + 1):
+            if self.policy is not None:
+                images = torch.stack([self.policy(image) for image in images])
+            images = self.crop(images, generator=generator)
+            if self.erasing is not None:
+                images = self.erasing(images)
+            if self.mixup is not None:
+                images, labels = self.mixup(images, labels)
+        return images, labels
+
+
 # ----------------------------------------------------------------------------- Lightning
 
 class FinetuneModule(L.LightningModule):
-    """Trains a :class:`Classifier`; evaluates top-1 on the test split after every epoch."""
+    """Trains a :class:`Classifier`; measures top-1 on the validation split after every epoch (``eval_split``
+    'val'), or on the test split when asked (``eval_split`` 'test', see :func:`finetune`)."""
 
     def __init__(self, classifier: Classifier, settings: FinetuneConfig, run_config: RunConfig, source: str,
-                 train_transform: nn.Module | None, eval_transform: nn.Module | None):
+                 train_transform: TrainAugment | None, eval_transform: nn.Module | None):
         super().__init__()
         self.classifier, self.settings, self.run_config, self.source = classifier, settings, run_config, source
         self.train_transform, self.eval_transform = train_transform, eval_transform
+        self.ema = None
+        if settings.ema_decay > 0:
+            from timm.utils import ModelEmaV3
+            self.ema = ModelEmaV3(classifier, decay=settings.ema_decay, use_warmup=True)
+            self.ema.requires_grad_(False)
         self.total_steps = 1          # set by finetune() once the data size is known
         self.batches_per_epoch = 1
-        self.history: list[dict[str, Any]] = []   # one entry per evaluated epoch
-        self.on_epoch_evaluated = None            # callback(module) after each evaluation (writes the JSON)
+        self.history: list[dict[str, Any]] = []   # one entry per validated epoch
+        self.data_description: dict[str, Any] = {}
+        self.on_epoch_evaluated = None            # callback(module) after each validation (writes the JSON)
+        self.eval_split = "val"
+        self.last_eval_top1: float | None = None
         self._correct = self._seen = 0
+
+    @property
+    def evaluated(self) -> Classifier:
+        """The weights that are validated, selected, tested and exported: the EMA when on, else the trained ones."""
+        return self.ema.module if self.ema is not None else self.classifier
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         if self.train_transform is not None:
             micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
-            generator = torch.Generator().manual_seed(self.settings.seed * 1_000_003 + micro_step * 7
-                                                      + self.global_rank * 104_729 + 1)
-            images = self.train_transform(images, generator=generator)
+            images, labels = self.train_transform(images, labels, seed=self.settings.seed * 1_000_003 + micro_step * 7
+                                                  + self.global_rank * 104_729 + 1)
         logits = self.classifier(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.settings.label_smoothing)
+        if labels.ndim == 2:  # soft targets (mixup/cutmix; smoothing already in them)
+            loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+            hard = labels.argmax(1)
+        else:
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.settings.label_smoothing)
+            hard = labels
         if not torch.isfinite(loss):
             raise NonFiniteLossError(
                 f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); the last good "
                 f"checkpoint is untouched: lower --base-lr or set --grad-clip, then rerun to resume")
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
-        self.log("train_top1", (logits.argmax(1) == labels).float().mean(), on_step=True, on_epoch=True)
+        self.log("train_top1", (logits.argmax(1) == hard).float().mean(), on_step=True, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.classifier, step=self.global_step)
 
     def on_validation_epoch_start(self) -> None:
         self._correct = self._seen = 0
@@ -243,15 +399,19 @@ class FinetuneModule(L.LightningModule):
         images, labels = batch
         if self.eval_transform is not None:
             images = self.eval_transform(images)
-        self._correct += int((self.classifier(images).argmax(1) == labels).sum())
+        self._correct += int((self.evaluated(images).argmax(1) == labels).sum())
         self._seen += labels.numel()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking or not self._seen:
             return
         top1 = self._correct / self._seen
-        self.log("test_top1", top1, prog_bar=True)
-        self.history.append({"epoch": self.current_epoch + 1, "step": self.global_step, "test_top1": top1})
+        self.last_eval_top1 = top1
+        if self.eval_split == "test":
+            self.log("test_top1", top1)
+            return
+        self.log("val_top1", top1, prog_bar=True)
+        self.history.append({"epoch": self.current_epoch + 1, "step": self.global_step, "val_top1": top1})
         if self.on_epoch_evaluated is not None and self.trainer.is_global_zero:
             self.on_epoch_evaluated(self)
 
@@ -274,28 +434,56 @@ class FinetuneModule(L.LightningModule):
         world = self.trainer.world_size if self._trainer else 1
         return self.settings.base_lr * self.settings.batch_size * world / 256
 
+    def selected(self) -> dict[str, Any] | None:
+        """The history entry of the selected epoch: the first with the highest validation top-1."""
+        return max(self.history, key=lambda entry: entry["val_top1"]) if self.history else None
+
     def results(self) -> dict[str, Any]:
-        scores = [entry["test_top1"] for entry in self.history]
-        return {"best_top1": max(scores) if scores else None, "last_top1": scores[-1] if scores else None,
+        """Validation-side results (the test figures are added by :func:`finetune` once training is done)."""
+        selected = self.selected()
+        return {"selected_epoch": selected["epoch"] if selected else None,
+                "selected_val_top1": selected["val_top1"] if selected else None,
+                "last_val_top1": self.history[-1]["val_top1"] if self.history else None,
                 "history": list(self.history)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["leanmim"] = {
             "version": __version__, "config": self.run_config.to_dict(),
             "finetune": {"settings": dataclasses.asdict(self.settings), "source": self.source,
-                         "num_classes": self.classifier.head.out_features, **self.results()}}
+                         "num_classes": self.classifier.head.out_features, "pool": self.classifier.pool,
+                         "weights": "ema" if self.ema is not None else "trained", **self.data_description,
+                         **self.results()}}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.history = list(checkpoint["leanmim"]["finetune"]["history"])
+        if self.eval_split == "val":  # resuming; a test evaluation of best.ckpt keeps the full history
+            self.history = list(checkpoint["leanmim"]["finetune"]["history"])
+
+
+class KeepSelected(L.Callback):
+    """Writes ``best.ckpt`` when the epoch just validated is the selected one (first highest validation top-1).
+
+    It runs in ``on_validation_end`` before the run's ``last.ckpt`` is written there (Lightning calls checkpoint
+    callbacks last), so a kill in between leaves a ``last.ckpt`` whose history selects the epoch ``best.ckpt`` holds
+    or an earlier resume point that recomputes it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_validation_end(self, trainer: L.Trainer, module: FinetuneModule) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or module.eval_split != "val" or not module.history:
+            return
+        if module.selected() is module.history[-1]:
+            trainer.save_checkpoint(self.path)
 
 
 class FinetuneData(L.LightningDataModule):
-    """Labelled train split in :class:`GlobalBatchSampler` order; the whole test split for evaluation."""
+    """Labelled train split in :class:`GlobalBatchSampler` order; the whole validation split for validation."""
 
-    def __init__(self, splits: LabelledSplits, settings: FinetuneConfig):
+    def __init__(self, splits: TrainValTest, settings: FinetuneConfig, in_memory: bool):
         super().__init__()
         self.splits, self.settings = splits, settings
-        self.workers = 0 if splits.batch_transform is not None else min(4, os.cpu_count() or 1)
+        self.workers = 0 if in_memory else min(4, os.cpu_count() or 1)
 
     def train_dataloader(self) -> DataLoader:
         sampler = GlobalBatchSampler(len(self.splits.train), self.settings.batch_size, self.settings.seed,
@@ -303,10 +491,13 @@ class FinetuneData(L.LightningDataModule):
         return DataLoader(self.splits.train, batch_sampler=sampler, num_workers=self.workers,
                           persistent_workers=self.workers > 0)
 
+    def evaluation_loader(self, dataset) -> DataLoader:
+        # Every process evaluates the whole split: exact, and the split is small next to training.
+        return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False, num_workers=self.workers,
+                          persistent_workers=False)
+
     def val_dataloader(self) -> DataLoader:
-        # Every process evaluates the whole test split: exact, and the split is small next to training.
-        return DataLoader(self.splits.test, batch_size=self.settings.batch_size, shuffle=False,
-                          num_workers=self.workers, persistent_workers=self.workers > 0)
+        return self.evaluation_loader(self.splits.val)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -323,44 +514,61 @@ def read_finetune_entry(path: str | Path) -> dict[str, Any] | None:
     return entry if isinstance(entry, dict) and "finetune" in entry else None
 
 
+def selected_checkpoint(path: str | Path) -> Path:
+    """A fine-tuning output directory's selected checkpoint (``checkpoints/best.ckpt``; ``last.ckpt`` only when
+    no epoch has been validated yet), or the checkpoint file given."""
+    path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_DIR / BEST_CHECKPOINT).is_file():
+        return path / CHECKPOINT_DIR / BEST_CHECKPOINT
+    return find_checkpoint(path)
+
+
 @dataclass
 class FinetunedRun:
     config: RunConfig            # the pretraining run's (resolved) config
     settings: FinetuneConfig
-    classifier: Classifier       # in eval mode, weights loaded
+    classifier: Classifier       # in eval mode, the evaluated weights (EMA when on) loaded
     checkpoint_path: Path
     results: dict[str, Any]
 
 
 def load_finetuned(path: str | Path) -> FinetunedRun:
-    """Rebuild the classifier of a fine-tuning output directory or checkpoint."""
-    checkpoint_path = find_checkpoint(path)
+    """Rebuild the classifier of a fine-tuning output directory (its selected checkpoint) or checkpoint file."""
+    checkpoint_path = selected_checkpoint(path)
     checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     entry = checkpoint.get("leanmim", {}) if isinstance(checkpoint, dict) else {}
     if "finetune" not in entry:
         raise ConfigError(f"'{checkpoint_path}' is not a fine-tuning checkpoint (made by 'leanmim finetune')")
     config = RunConfig.from_dict(entry["config"], source=str(checkpoint_path))
     settings = FinetuneConfig.from_dict(entry["finetune"]["settings"], source=str(checkpoint_path))
-    encoder = prepare_encoder(build_method(config.method, config.model, config.options).encoder, 0.0)
-    classifier = Classifier(encoder, entry["finetune"]["num_classes"], settings.token_drop)
-    state = {key[len("classifier."):]: value for key, value in checkpoint["state_dict"].items()
-             if key.startswith("classifier.")}
+    encoder = prepare_encoder(build_method(config.method, config.model, config.options).encoder, 0.0, settings.pool)
+    classifier = Classifier(encoder, entry["finetune"]["num_classes"], settings.token_drop, settings.pool)
+    prefix = "ema.module." if entry["finetune"].get("weights") == "ema" else "classifier."
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
     try:
         classifier.load_state_dict(state)
     except RuntimeError:
         raise ConfigError(f"checkpoint '{checkpoint_path}' does not fit the {config.method}/{config.model.name} "
                           f"classifier: it was written by another version") from None
-    results = {key: entry["finetune"].get(key) for key in ("best_top1", "last_top1", "history")}
+    results = {key: entry["finetune"].get(key) for key in ("selected_epoch", "selected_val_top1", "history")}
+    results["global_step"] = int(checkpoint.get("global_step", 0))
     return FinetunedRun(config, settings, classifier.eval(), checkpoint_path, results)
 
 
 def export_finetuned(path: str | Path, out: str | Path) -> Path:
-    """Export a fine-tuned classifier: for a :class:`ViTEncoder`, timm ``VisionTransformer(global_pool='avg',
-    num_classes=K)`` safetensors (encoder keys plus ``fc_norm.*`` and ``head.*``, no ``norm.*``); other encoders
-    (relative positions) as their own state dict plus ``fc_norm.*`` / ``head.*``, architecture in the metadata."""
+    """Export a fine-tuned classifier (a directory: its selected checkpoint, ``best.ckpt``).
+
+    For a :class:`ViTEncoder`: timm ``VisionTransformer(global_pool=G, num_classes=K)`` safetensors with G
+    'avg' (``--pool mean``: encoder keys without ``norm.*``, plus ``fc_norm.*``, ``head.*``) or 'token' (``cls``:
+    encoder keys with ``norm.*``, plus ``head.*``). ``--pool tokens`` has no timm pooling: the encoder is written
+    for ``global_pool='', num_classes=0`` (its ``forward_features`` gives (B, 1 + L, D) normed tokens) and the
+    head as ``token_head.weight`` (K, L·D) / ``token_head.bias``, applied to ``features[:, 1:].flatten(1)``
+    (patch tokens in row-major grid order); the metadata says so. Other encoders (relative positions): their
+    own state dict plus the head, architecture in the metadata. The metadata names the checkpoint and epoch.
+    """
     from safetensors.torch import save_file
 
-    from .export import timm_create_kwargs, timm_state_dict
+    from .weights import timm_create_kwargs, timm_pretrained_cfg, timm_state_dict
 
     loaded = load_finetuned(path)
     classifier = loaded.classifier
@@ -368,20 +576,45 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
     if isinstance(encoder, ViTEncoder):
         state = timm_state_dict(encoder)
         metadata = {**timm_create_kwargs(loaded.config.model), "format": "timm.VisionTransformer"}
+        stats = finetune_data_stats(loaded.checkpoint_path)   # timm's pretrained_cfg: input size, mean/std
+        metadata["pretrained_cfg"] = json.dumps(timm_pretrained_cfg(
+            loaded.config.model, stats.get("mean"), stats.get("std"),
+            0 if classifier.pool == "tokens" else classifier.head.out_features))
     else:
         state = {name: tensor.detach().float().contiguous().clone() for name, tensor in encoder.state_dict().items()}
         architecture = encoder.architecture() if hasattr(encoder, "architecture") else {}
-        metadata = {**architecture, "format": f"leanmim.{type(encoder).__name__}+head", "final_norm": False}
-    for prefix, module in (("fc_norm", classifier.fc_norm), ("head", classifier.head)):
+        metadata = {**architecture, "format": f"leanmim.{type(encoder).__name__}+head",
+                    "final_norm": classifier.pool != "mean"}
+    head_name = "token_head" if classifier.pool == "tokens" else "head"
+    for prefix, module in (("fc_norm", classifier.fc_norm), (head_name, classifier.head)):
         state.update({f"{prefix}.{name}": tensor.detach().float().contiguous().clone()
                       for name, tensor in module.state_dict().items()})
-    metadata.update(global_pool="avg", num_classes=classifier.head.out_features, token_drop=classifier.token_drop)
+    num_classes = classifier.head.out_features
+    metadata.update(global_pool=TIMM_GLOBAL_POOL[classifier.pool], pool=classifier.pool, token_drop=classifier.token_drop,
+                    num_classes=0 if classifier.pool == "tokens" else num_classes,
+                    checkpoint=loaded.checkpoint_path.name, global_step=loaded.results["global_step"],
+                    selected_epoch=loaded.results["selected_epoch"],
+                    selected_val_top1=loaded.results["selected_val_top1"],
+                    weights=("exponential moving average" if loaded.settings.ema_decay > 0 else "trained"))
+    if classifier.pool == "tokens":
+        metadata.update(head_classes=num_classes, head_input="token_head applies to forward_features(x)[:, 1:]"
+                        ".flatten(1): the patch tokens (B, L, D) after the final norm, cls excluded, row-major "
+                        "grid order")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(state, str(tmp), metadata={key: str(value) for key, value in metadata.items()})
     os.replace(tmp, out)
     return out
+
+
+def finetune_data_stats(checkpoint_path: Path) -> dict[str, Any]:
+    """The fine-tuning data's mean/std recorded in ``OUT/finetune.json`` ({} when absent)."""
+    results = checkpoint_path.parent.parent / RESULTS_FILE
+    try:
+        return json.loads(results.read_text()).get("data_stats") or {}
+    except (OSError, ValueError):
+        return {}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -406,29 +639,58 @@ def check_finetune_resume(out: Path, run_config: RunConfig) -> Path | None:
     if stored.method != run_config.method or stored.model != run_config.model:
         raise ConfigError(f"'{out}' holds a fine-tuning of a {stored.method}/{stored.model.name} encoder, not of this "
                           f"{run_config.method}/{run_config.model.name} one: choose another --out")
+    if any("val_top1" not in epoch for epoch in entry["finetune"].get("history", [])):
+        raise ConfigError(f"'{out}' holds a fine-tuning by an older leanmim that measured the test split every "
+                          f"epoch (no validation split): choose another --out")
     return last
 
 
-def finetune(run: str | Path, settings: FinetuneConfig | None = None, callbacks=()) -> dict[str, Any]:
+def labelled_data(data: str, img_size: int, in_chans: int, val_fraction: float, split_seed: int,
+                  labels_per_class: int | None = None, label_fraction: float | None = None):
+    """(labelled splits as built, train/val/test subsets): the validation split is the folder's val/ when it has
+    train/, val/ and test/, else ``val_fraction`` of each class of train (0: none); then the label subset."""
+    splits = build_labelled_splits(data, img_size, in_chans)
+    val = folder_val_split(data, img_size, in_chans)
+    if val is not None and type(val) is not type(splits.test):
+        raise DataError(f"'{data}/val' and '{data}/test' were loaded differently (one in memory, one streamed): "
+                        f"pass data whose splits fit in memory together, or drop val/ (--val-fraction carves one)")
+    subsets = carve_splits(splits.train, splits.test, val_fraction, split_seed, labels_per_class, label_fraction, val)
+    return splits, subsets
+
+
+def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, callbacks=()) -> dict[str, Any]:
     """Fine-tune the encoder of a pretraining run (directory or checkpoint); resumes from ``OUT/checkpoints/last.ckpt``.
 
-    Returns the results (also in ``OUT/finetune.json``; best and last accuracy in the run's ``summary.json``).
+    Selects the epoch on the validation split; once all epochs are done, evaluates the test split for the
+    selected checkpoint and the last. Returns the results (also in ``OUT/finetune.json``; the main figures in
+    the run's ``summary.json``).
     """
     settings = settings or FinetuneConfig()
-    source = Path(run)
-    if read_finetune_entry(source) is not None:
-        raise ConfigError(f"'{source}' is a fine-tuning result: pass the pretraining run directory or checkpoint")
-    loaded = load_run(source)
+    if (run is None) == (settings.init_from is None):
+        raise ConfigError("finetune starts from a pretraining run or from --init-from WEIGHTS: pass exactly one")
+    if run is None:  # published weights without a leanmim run (weights.py: any layout --init-from reads)
+        from .weights import run_from_weights
+        loaded = run_from_weights(settings.init_from, settings.data or DataConfig().path)
+        source = Path("runs") / f"finetune-{Path(settings.init_from).name.split('.')[0]}"
+    else:
+        source = Path(run)
+        if read_finetune_entry(source) is not None:
+            raise ConfigError(f"'{source}' is a fine-tuning result: pass the pretraining run directory or checkpoint")
+        loaded = load_run(source)
     model = loaded.config.model
-    out = Path(settings.out) if settings.out else default_output_dir(source)
+    out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)
     resume_from = check_finetune_resume(out, loaded.config)
     data = settings.data or loaded.config.data.path
-    splits = build_labelled_splits(data, model.img_size, model.in_chans)
+    splits, subsets = labelled_data(data, model.img_size, model.in_chans, settings.val_fraction, settings.split_seed,
+                                    settings.labels_per_class, settings.label_fraction)
+    in_memory = splits.batch_transform is not None
 
     train_transform = None
-    if splits.batch_transform is not None:  # in-memory data: augment whole batches
-        train_transform = BatchMIMAugment(model.img_size, splits.mean, splits.std,
-                                          scale=(settings.min_scale_for(model.img_size), 1.0), hflip=settings.hflip)
+    if in_memory:  # augment whole batches
+        crop = BatchMIMAugment(model.img_size, splits.mean, splits.std,
+                               scale=(settings.min_scale_for(model.img_size), 1.0), hflip=settings.hflip)
+        train_transform = TrainAugment(crop, splits.num_classes, settings.auto_augment, settings.random_erasing,
+                                       settings.mixup, settings.cutmix, settings.label_smoothing)
     else:
         warnings.warn("images are streamed from disk: fine-tuning uses the evaluation transform (no augmentation)")
     out.mkdir(parents=True, exist_ok=True)
@@ -436,36 +698,60 @@ def finetune(run: str | Path, settings: FinetuneConfig | None = None, callbacks=
                                loaded.config.options)
 
     L.seed_everything(settings.seed, workers=True, verbose=False)
-    classifier = Classifier(prepare_encoder(initial_encoder(loaded, settings.from_scratch, settings.seed),
-                                            settings.drop_path), splits.num_classes,
-                            settings.token_drop).train()  # load_run leaves the encoder in eval mode; Lightning keeps modes
+    encoder = prepare_encoder(initial_encoder(loaded, settings.from_scratch, settings.seed), settings.drop_path,
+                              settings.pool)
+    # load_run leaves the encoder in eval mode; Lightning keeps modes
+    classifier = Classifier(encoder, splits.num_classes, settings.token_drop, settings.pool).train()
     module = FinetuneModule(classifier, settings, loaded.config, str(loaded.checkpoint_path), train_transform,
                             splits.batch_transform)
-    trainer = build_trainer(trainer_config, out, callbacks)
-    module.batches_per_epoch = len(splits.train) // (settings.batch_size * trainer.world_size)
+    module.data_description = {"validation": subsets.val_source, **subsets.counts()}
+    best_path = out / CHECKPOINT_DIR / BEST_CHECKPOINT
+    trainer = build_trainer(trainer_config, out, [KeepSelected(best_path), *callbacks])
+    module.batches_per_epoch = len(subsets.train) // (settings.batch_size * trainer.world_size)
     module.total_steps = settings.epochs * max(1, module.batches_per_epoch)
 
     def describe(current: FinetuneModule) -> dict[str, Any]:
         return {"source": str(loaded.checkpoint_path), "method": loaded.config.method, "model": model.name,
-                "data": data, "out": str(out), "num_classes": splits.num_classes, "token_drop": settings.token_drop,
+                "data": data, "out": str(out), "num_classes": splits.num_classes, "pool": settings.pool,
+                "token_drop": settings.token_drop, **current.data_description,
+                "data_stats": {"mean": list(splits.mean), "std": list(splits.std)},
                 "settings": dataclasses.asdict(settings), "precision": lightning_precision(trainer_config),
-                **current.results()}
+                **current.results(), "selected_test_top1": None, "last_test_top1": None}
 
     module.on_epoch_evaluated = lambda current: write_json(out / RESULTS_FILE, describe(current))
+    datamodule = FinetuneData(subsets, settings, in_memory)
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        trainer.fit(module, datamodule=FinetuneData(splits, settings), ckpt_path=resume_from, weights_only=True)
-    results = {**describe(module), "resumed_from": str(resume_from) if resume_from else None,
-               "global_step": trainer.global_step, "epochs_completed": trainer.current_epoch,
-               "train_seconds_this_session": round(time.perf_counter() - started, 1)}
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        results = {**describe(module), "resumed_from": str(resume_from) if resume_from else None,
+                   "global_step": trainer.global_step, "epochs_completed": trainer.current_epoch,
+                   "train_seconds_this_session": round(time.perf_counter() - started, 1)}
+        if trainer.current_epoch >= settings.epochs and module.history:  # finished: the test split, once each
+            results["last_test_top1"] = evaluate_test(trainer, module, datamodule, None)
+            results["selected_test_top1"] = evaluate_test(trainer, module, datamodule, best_path)
+            results["selected_checkpoint"] = str(best_path)
     if trainer.is_global_zero:
         write_json(out / RESULTS_FILE, results)
         run_dir = loaded.checkpoint_path.parent.parent
         if (run_dir / "config.yaml").is_file():
             write_summary(run_dir, {"finetune": {key: results[key] for key in
-                                                 ("out", "best_top1", "last_top1", "epochs_completed", "token_drop")}})
+                                                 ("out", "pool", "selected_epoch", "selected_val_top1",
+                                                  "selected_test_top1", "last_val_top1", "last_test_top1",
+                                                  "epochs_completed", "num_train", "token_drop")}})
     return results
+
+
+def evaluate_test(trainer: L.Trainer, module: FinetuneModule, datamodule: FinetuneData,
+                  checkpoint: Path | None) -> float:
+    """Top-1 on the test split of the module's evaluated weights as they are (None) or as in ``checkpoint``."""
+    module.eval_split = "test"
+    try:
+        trainer.validate(module, dataloaders=datamodule.evaluation_loader(datamodule.splits.test),
+                         ckpt_path=checkpoint, weights_only=True, verbose=False)
+    finally:
+        module.eval_split = "val"
+    return module.last_eval_top1
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
