@@ -98,6 +98,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> "GlobalBatchSampler":
+        # Lightning calls set_epoch on ``batch_sampler.sampler`` (never on the batch sampler itself): point it here,
+        # otherwise every epoch would repeat epoch 0's order
+        return self
+
     def __len__(self) -> int:
         return self.num_items // (self.batch_size * self.world_size)
 
@@ -146,6 +152,7 @@ class PretrainModule(L.LightningModule):
         self.batches_per_epoch = 1
         self._last_step_time: float | None = None
         self.resume_at: tuple[int, int] | None = None  # set when a checkpoint is loaded
+        self._pending_rng_state: torch.Tensor | None = None
 
     def forward_method(self, images: torch.Tensor, micro_step: int):
         train = self.config.train
@@ -209,7 +216,13 @@ class PretrainModule(L.LightningModule):
                                          self.config.train.accumulate_grad_batches)
         rng = checkpoint.get("leanmim_rng")
         if isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor):
-            torch.set_rng_state(rng["torch"])
+            self._pending_rng_state = rng["torch"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Restored here, not on load: making the data iterator draws from the global generator in between
+        if self._pending_rng_state is not None:
+            torch.set_rng_state(self._pending_rng_state)
+            self._pending_rng_state = None
 
 
 def resume_position(global_step: int, batches_per_epoch: int, accumulate: int) -> tuple[int, int]:
@@ -235,6 +248,8 @@ class PretrainData(L.LightningDataModule):
         sampler = GlobalBatchSampler(len(self.data.dataset), train.batch_size, train.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
         sampler.resume_at = getattr(self.trainer.lightning_module, "resume_at", None)
+        if sampler.resume_at is not None:  # the first iterator is made before Lightning sets the epoch
+            sampler.set_epoch(sampler.resume_at[0])
         workers = 0 if self.data.in_memory else self.config.data.num_workers
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
                           persistent_workers=workers > 0)
@@ -357,11 +372,45 @@ class StopOnSignal(Callback):
             raise TrainingInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)
 
 
+LOGGER_EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def build_loggers(names: str, run_dir: Path) -> list:
+    """Lightning's own loggers by name: csv (RUN_DIR/logs), tensorboard (RUN_DIR/tensorboard), wandb (offline in
+    RUN_DIR/wandb unless WANDB_MODE=online), mlflow (a local store RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set)."""
+    import importlib.util
+
+    chosen = [name.strip().lower() for name in str(names).split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in ("csv", "tensorboard", "wandb", "mlflow")]
+    if unknown or not chosen:
+        raise ConfigError(f"--logger: unknown logger '{', '.join(unknown) or names}': choose from csv, tensorboard, "
+                          f"wandb, mlflow (comma-separated)")
+    for name in chosen:
+        if name in LOGGER_EXTRAS and importlib.util.find_spec(LOGGER_EXTRAS[name]) is None:
+            raise ConfigError(f"--logger {name} needs the {LOGGER_EXTRAS[name]} package: pip install 'leanmim[{name}]'")
+    loggers = []
+    for name in dict.fromkeys(chosen):
+        if name == "csv":
+            loggers.append(CSVLogger(run_dir, name="logs"))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+            loggers.append(WandbLogger(name=run_dir.name, save_dir=str(run_dir), project="leanmim",
+                                       offline=os.environ.get("WANDB_MODE", "offline") != "online"))
+        else:
+            from lightning.pytorch.loggers import MLFlowLogger
+            loggers.append(MLFlowLogger(experiment_name="leanmim", run_name=run_dir.name,
+                                        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI",
+                                                                    (run_dir / "mlruns").resolve().as_uri())))
+    return loggers
+
+
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
     train = config.train
     checkpointing = RunCheckpoint(run_dir / CHECKPOINT_DIR, every_n_epochs=train.checkpoint_every_epochs,
                                   keep=train.keep_checkpoints, every_n_steps=train.checkpoint_every_steps)
-    loggers = [CSVLogger(run_dir, name="logs"), TensorBoardLogger(run_dir, name="tensorboard")]
+    loggers = build_loggers(train.logger, run_dir)
     all_callbacks = [checkpointing, StopOnSignal(), *callbacks]
     if train.progress_bar:
         all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, train.log_every_steps)))
@@ -414,6 +463,11 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
                                      legacy_identity(run_dir, trainer.world_size))
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
     resume_from = newest_checkpoint(run_dir / CHECKPOINT_DIR)
+    initial_weights = None
+    if resume_from is None and config.train.init_from:  # a fresh run: read and check them before writing anything
+        from .weights import check_init_from, read_weights
+        initial_weights = read_weights(config.train.init_from)
+        check_init_from(config.method, config.model, config.options, initial_weights)
     data = build_pretrain_data(config.data.path, config.model.img_size, config.model.in_chans,
                                crop_min_scale=config.data.crop_min_scale, hflip=config.data.hflip,
                                max_memory_bytes=int(config.data.max_memory_gb * (1 << 30)),
@@ -439,6 +493,10 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
 
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = PretrainModule(config, data.batch_transform)
+    if initial_weights is not None:
+        from .weights import init_method_from
+        for note in init_method_from(module.method, initial_weights):
+            warnings.warn(f"--init-from: {note}")
     if config.train.compile:
         module.method = torch.compile(module.method)
     module.batches_per_epoch = batches_per_epoch
@@ -459,7 +517,7 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
         "images_per_second": round(throughput.images / throughput.seconds, 1) if throughput.seconds else None,
         "final_loss": float(loss) if loss is not None else None,
         "precision": lightning_precision(config), "world_size": trainer.world_size,
-        "dataset": {"name": data.name, "images": data.num_images, "skipped_files": len(data.skipped_files),
+        "dataset": {"name": data.name, "images": data.num_images, "mean": list(data.mean), "std": list(data.std), "skipped_files": len(data.skipped_files),
                     "skipped_examples": data.skipped_files[:20]},
     }
     if trainer.is_global_zero:
