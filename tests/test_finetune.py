@@ -151,6 +151,13 @@ def test_label_subsets_train_on_exact_counts(pretrained, tmp_path):
     assert torch.bincount(labels).tolist() == [20, 20]
 
 
+def test_validation_every_n_epochs_and_after_the_last(pretrained, tmp_path):
+    result = api.finetune(pretrained, out=str(tmp_path / "sparse"), val_every_epochs=2, **{**UNINTERRUPTED, "epochs": 3})
+    assert [entry["epoch"] for entry in result["history"]] == [2, 3]
+    best = torch.load(tmp_path / "sparse/checkpoints/best.ckpt", map_location="cpu", weights_only=True)
+    assert best["global_step"] == result["selected_epoch"] * STEPS_PER_EPOCH     # never an unvalidated epoch
+
+
 def test_from_scratch_starts_from_a_fresh_seeded_init_not_the_pretrained_weights(pretrained):
     loaded = load_run(pretrained)
     pretrained_weights = loaded.method.encoder.state_dict()

@@ -109,6 +109,7 @@ class FinetuneConfig:
     label_fraction: float | None = option(None, "train on this fraction of each class's labelled images (after "
                                                 "the validation split; label efficiency)")
     epochs: int = option(10, "fine-tuning epochs (MAE: 100 on ImageNet)")
+    val_every_epochs: int = option(1, "measure validation top-1 (and select) every N epochs, and after the last")
     batch_size: int = option(256, "images per device per step")
     base_lr: float = option(5e-4, "learning rate per 256 images (MAE ViT-B: 5e-4)")
     lr: float | None = option(None, "absolute learning rate (default: base_lr × batch / 256)")
@@ -143,10 +144,12 @@ class FinetuneConfig:
     seed: int = option(0, "seed for the head, data order and augmentation")
     log_every_steps: int = option(10, "log metrics every N steps")
     progress_bar: bool = option(True, "show a progress bar")
+    extend: bool = option(False, "allow resuming this fine-tuning with more epochs (the warmup-cosine schedule is "
+                                 "recomputed over the new length)")
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ConfigError("finetune: epochs and batch_size must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.val_every_epochs < 1:
+            raise ConfigError("finetune: epochs, batch_size and val_every_epochs must be at least 1")
         if not 0.0 < self.layer_decay <= 1.0:
             raise ConfigError(f"layer_decay must lie in (0, 1], got {self.layer_decay}")
         for name in ("drop_path", "label_smoothing", "token_drop", "ema_decay"):
@@ -395,7 +398,14 @@ class FinetuneModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._correct = self._seen = 0
 
+    def validation_due(self) -> bool:
+        """A test evaluation, or validation after every ``val_every_epochs``-th epoch and after the last."""
+        epoch, settings = self.current_epoch + 1, self.settings
+        return self.eval_split == "test" or epoch % settings.val_every_epochs == 0 or epoch >= settings.epochs
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        if not self.validation_due():
+            return
         images, labels = batch
         if self.eval_transform is not None:
             images = self.eval_transform(images)
@@ -473,7 +483,7 @@ class KeepSelected(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, module: FinetuneModule) -> None:
         if trainer.state.fn != "fit" or trainer.sanity_checking or module.eval_split != "val" or not module.history:
             return
-        if module.selected() is module.history[-1]:
+        if module.history[-1]["epoch"] == trainer.current_epoch + 1 and module.selected() is module.history[-1]:
             trainer.save_checkpoint(self.path)
 
 
@@ -627,22 +637,34 @@ def default_output_dir(source: Path) -> Path:
     return run_dir / "finetune"
 
 
-def check_finetune_resume(out: Path, run_config: RunConfig) -> Path | None:
-    """The last checkpoint in ``out`` when it continues this fine-tuning; ConfigError when it belongs elsewhere."""
+def finetune_identity(settings: FinetuneConfig, loaded, data: str, precision: str, from_weights: bool) -> dict[str, Any]:
+    """What defines a fine-tuning (see :mod:`leanmim.run`): every non-operational setting, the encoder it starts
+    from (the pretraining run and its step, or the weights file), the labelled data's fingerprint and the
+    resolved precision."""
+    from .run import data_fingerprint, identity_of
+
+    source = loaded.checkpoint_path.resolve() if from_weights else loaded.checkpoint_path.resolve().parent.parent
+    return identity_of(dataclasses.asdict(settings), {
+        "source.path": str(source), "source.global_step": loaded.global_step, "source.method": loaded.config.method,
+        "data.fingerprint": data_fingerprint(data), "precision": precision})
+
+
+def check_finetune_resume(out: Path, identity: dict[str, Any], extend: bool = False) -> Path | None:
+    """The newest checkpoint in ``out`` when it continues this fine-tuning; a one-line ConfigError when ``out``
+    holds anything else (another fine-tuning, other data or settings, a user's files, an older leanmim's
+    test-selected fine-tuning) — the rule of :func:`leanmim.run.check_run_directory`."""
+    from .checkpoint import newest_checkpoint
+    from .run import check_run_directory, remove_stale_temporaries
+
     last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
-    if not last.is_file():
-        return None
-    entry = read_finetune_entry(last)
-    if entry is None:
-        raise ConfigError(f"'{last}' is not a fine-tuning checkpoint: choose another --out")
-    stored = RunConfig.from_dict(entry["config"], source=str(last))
-    if stored.method != run_config.method or stored.model != run_config.model:
-        raise ConfigError(f"'{out}' holds a fine-tuning of a {stored.method}/{stored.model.name} encoder, not of this "
-                          f"{run_config.method}/{run_config.model.name} one: choose another --out")
-    if any("val_top1" not in epoch for epoch in entry["finetune"].get("history", [])):
-        raise ConfigError(f"'{out}' holds a fine-tuning by an older leanmim that measured the test split every "
-                          f"epoch (no validation split): choose another --out")
-    return last
+    if out.is_dir() and not (out / "run.json").is_file() and last.is_file():
+        entry = read_finetune_entry(last)
+        if entry is None or any("val_top1" not in epoch for epoch in entry["finetune"].get("history", [])):
+            raise ConfigError(f"'{out}' holds a fine-tuning by an older leanmim (no run record; it measured the test "
+                              f"split every epoch): choose another --out")
+    check_run_directory(out, "finetune", identity, extend)
+    remove_stale_temporaries(out / CHECKPOINT_DIR)
+    return newest_checkpoint(out / CHECKPOINT_DIR, warn=True) if (out / CHECKPOINT_DIR).is_dir() else None
 
 
 def labelled_data(data: str, img_size: int, in_chans: int, val_fraction: float, split_seed: int,
@@ -679,10 +701,15 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
         loaded = load_run(source)
     model = loaded.config.model
     out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)
-    resume_from = check_finetune_resume(out, loaded.config)
     data = settings.data or loaded.config.data.path
+    precision = lightning_precision(RunConfig(train=settings.train_config(out)))
+    identity = finetune_identity(settings, loaded, data, precision, from_weights=run is None)
+    resume_from = check_finetune_resume(out, identity, settings.extend)
     splits, subsets = labelled_data(data, model.img_size, model.in_chans, settings.val_fraction, settings.split_seed,
                                     settings.labels_per_class, settings.label_fraction)
+    if len(subsets.train) < settings.batch_size:  # checked before anything is written
+        raise ConfigError(f"the labelled training split has {len(subsets.train)} images, fewer than one batch of "
+                          f"{settings.batch_size}: lower --batch-size")
     in_memory = splits.batch_transform is not None
 
     train_transform = None
@@ -694,6 +721,10 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     else:
         warnings.warn("images are streamed from disk: fine-tuning uses the evaluation transform (no augmentation)")
     out.mkdir(parents=True, exist_ok=True)
+    from .run import read_run_file, write_run_file
+    record = read_run_file(out)
+    if record is None or record["identity"] != identity:  # new, or extended
+        write_run_file(out, "finetune", identity, {"source_checkpoint": str(loaded.checkpoint_path), "data": data})
     trainer_config = RunConfig(loaded.config.method, model, DataConfig(path=data), settings.train_config(out),
                                loaded.config.options)
 
