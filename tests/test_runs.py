@@ -224,3 +224,26 @@ def test_each_epoch_draws_a_new_order(tiny_data, tmp_path, single_thread):
     assert len(record.sums[0]) == len(record.sums[1]) == 4
     assert record.sums[0] != record.sums[1]
     assert sum(record.sums[0]) == pytest.approx(sum(record.sums[1]))  # the same images, in another order
+
+
+def test_finetune_output_directory_has_one_identity(tiny_data, tmp_path, single_thread):
+    """A fine-tuning rerun on other data or with other settings refuses instead of continuing the old one."""
+    from leanmim import api
+
+    run = tmp_path / "run"
+    pretrain(tiny_run_config(tiny_data, run, max_steps=2))
+    settings = dict(epochs=1, batch_size=16, precision="32", progress_bar=False, accelerator="cpu")
+    first = api.finetune(run, **settings)
+    out = Path(first["out"])
+    assert strict_json(out / RUN_FILE)["kind"] == "finetune"
+    before = files_state(out)
+    other = tmp_path / "other-data"
+    shutil.copytree(tiny_data, other)
+    (other / "README").write_text("another dataset")
+    with pytest.raises(ConfigError, match=r"data\.fingerprint: 4 files, \w+ -> 5 files"):
+        api.finetune(run, **{**settings, "data": str(other)})
+    with pytest.raises(ConfigError, match=r"seed: 0 -> 3"):
+        api.finetune(run, **{**settings, "seed": 3})
+    with pytest.raises(ConfigError, match="add --extend"):
+        api.finetune(run, **{**settings, "epochs": 2})
+    assert files_state(out) == before
