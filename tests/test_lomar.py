@@ -8,7 +8,7 @@ from torch import nn
 from conftest import tiny_model, train_steps
 from leanmim.config import ConfigError
 from leanmim.cost import count_forward
-from leanmim.export import export_encoder, load_relpos_encoder
+from leanmim.weights import export_encoder, load_relpos_encoder
 from leanmim.losses import normalized_pixels
 from leanmim.methods import build_method
 from leanmim.relpos import CLS_BUCKET, RelPosAttention, RelPosBlock, RelPosViTEncoder, axis_bucket, relative_buckets

@@ -139,7 +139,7 @@ def command_reconstruct(args) -> int:
 
 def command_export(args) -> int:
     from . import api
-    print(api.export(args.run, args.out, overwrite=args.overwrite))
+    print(api.export(args.run, args.out, overwrite=args.overwrite, format=args.format))
     return 0
 
 
@@ -277,9 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     reconstruct.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     reconstruct.set_defaults(handler=command_reconstruct)
 
-    export = commands.add_parser("export", help="write the encoder as timm-loadable safetensors")
+    export = commands.add_parser("export", help="write the weights for timm (default) or transformers")
     export.add_argument("run", help="run directory or checkpoint")
-    export.add_argument("--out", required=True, help="FILE.safetensors")
+    export.add_argument("--out", required=True, help="timm: FILE.safetensors, or a DIR for timm's local-dir: loader; "
+                                                     "hf: a DIR for from_pretrained")
+    export.add_argument("--format", default="timm", choices=("timm", "hf"),
+                        help="timm VisionTransformer, or hf: transformers ViTMAEForPreTraining (with the decoder) / "
+                             "ViTModel [timm]")
     export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     export.set_defaults(handler=command_export)
 
@@ -305,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .finetune import FinetuneConfig
     finetune = commands.add_parser("finetune", help="fine-tune a run's encoder for classification "
                                                     "(MAE protocol; resumes a fine-tuning found in --out)")
-    finetune.add_argument("run", help="pretraining run directory or checkpoint")
+    finetune.add_argument("run", nargs="?", help="pretraining run directory or checkpoint (or pass --init-from)")
     group = finetune.add_argument_group("fine-tuning")
     for field in dataclasses.fields(FinetuneConfig):
         add_field_flag(group, field, f"finetune.{field.name}")

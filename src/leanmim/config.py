@@ -127,6 +127,8 @@ class DataConfig:
     hflip: bool = option(True, "random horizontal flips")
     max_memory_gb: float = option(4.0, "hold the decoded dataset in memory when it fits in this many GiB")
     num_workers: int = option(2, "loader processes when images are streamed from disk")
+    samples_per_epoch: int = option(0, "shards: samples per epoch (0: the shards' count from their manifest)")
+    shuffle_buffer: int = option(5000, "shards: samples held in the shuffle buffer of each loader worker")
 
     def validate(self) -> None:
         if not str(self.path).strip():
@@ -138,6 +140,10 @@ class DataConfig:
             raise ConfigError(f"max_memory_gb must be 0 or more, got {self.max_memory_gb}")
         if self.num_workers < 0:
             raise ConfigError(f"num_workers must be 0 (load in the main process) or more, got {self.num_workers}")
+        if self.samples_per_epoch < 0:
+            raise ConfigError(f"samples_per_epoch must be 0 (the shards' own count) or more, got {self.samples_per_epoch}")
+        if self.shuffle_buffer < 1:
+            raise ConfigError(f"shuffle_buffer must be at least 1 sample, got {self.shuffle_buffer}")
 
 
 @dataclass
@@ -172,6 +178,11 @@ class TrainConfig:
                                  "schedule is recomputed over the new length)")
     log_every_steps: int = option(10, "log metrics every N steps")
     progress_bar: bool = option(True, "show a progress bar")
+    init_from: str | None = option(None, "start a new run from these weights: MAE reference .pth, timm .pth/"
+                                         ".safetensors, transformers directory, leanmim run or export (ignored on "
+                                         "resume)")
+    logger: str = option("csv,tensorboard", "metrics loggers, comma-separated: csv, tensorboard, wandb, mlflow "
+                                            "(wandb/mlflow: optional extras, offline unless configured)")
 
 
     def validate(self) -> None:

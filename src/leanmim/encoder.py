@@ -93,7 +93,7 @@ def init_encoder_weights(encoder: nn.Module) -> None:
 
 def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.ModuleList:
     """``depth`` timm ViT blocks (fused attention, LayerNorm eps 1e-6), drop path rising linearly."""
-    rates = torch.linspace(0, drop_path_rate, depth).tolist() if depth else []
+    rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
               norm_layer=partial(nn.LayerNorm, eps=1e-6))

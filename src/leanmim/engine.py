@@ -27,7 +27,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_step, newest_checkpoint, read_checkpoint
 from .config import ConfigError, RunConfig
 from .encoder import training_attention
-from .data import MIMData, build_pretrain_data, default_channels, default_img_size
+from .data import MIMData, ShardSource, build_pretrain_data, default_channels, default_img_size
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
 from .run import (RUN_FILE, atomic_write_text, check_run_directory, data_fingerprint, dumps_strict, identity_of,
@@ -157,9 +157,9 @@ class PretrainModule(L.LightningModule):
     def forward_method(self, images: torch.Tensor, micro_step: int):
         train = self.config.train
         rank, world = self.global_rank, self.trainer.world_size if self._trainer else 1
-        if self.batch_transform is not None:
-            generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 7 + rank * 104_729 + 1)
-            images = self.batch_transform(images, generator=generator)
+        if self.batch_transform is not None:  # the same generator on every process: each image's draws follow its
+            generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 7 + 1)  # global position
+            images = self.batch_transform(images, generator=generator, rank=rank, world_size=world)
         progress = min(1.0, self.global_step / max(1, self.total_steps))
         with training_attention(self.config.model.num_patches + 1, images.device):
             return self.method(images, progress=progress, rng=BatchRandom(train.seed, micro_step, rank, world))
@@ -173,7 +173,8 @@ class PretrainModule(L.LightningModule):
                 f"the last good checkpoint is untouched: lower --base-lr or set --grad-clip, then rerun to resume")
         now = time.perf_counter()
         if self._last_step_time is not None:
-            self.log("img_per_s", images.shape[0] * self.trainer.world_size / (now - self._last_step_time),
+            count = len(images[0] if isinstance(images, list) else images)  # a list: whole images and their sizes
+            self.log("img_per_s", count * self.trainer.world_size / (now - self._last_step_time),
                      prog_bar=True, on_step=True, on_epoch=False)
         self._last_step_time = now
         self.log("loss", output.loss.detach(), prog_bar=True, on_step=True, on_epoch=True,
@@ -245,6 +246,11 @@ class PretrainData(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         train = self.config.train
+        if isinstance(self.data.dataset, ShardSource):  # streamed shards: split per rank and worker by the stream
+            return self.data.dataset.loader(train.batch_size, train.seed, self.trainer.global_rank,
+                                            self.trainer.world_size, self.config.data.num_workers,
+                                            epoch=lambda: self.trainer.current_epoch,
+                                            resume_at=getattr(self.trainer.lightning_module, "resume_at", None))
         sampler = GlobalBatchSampler(len(self.data.dataset), train.batch_size, train.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
         sampler.resume_at = getattr(self.trainer.lightning_module, "resume_at", None)
@@ -268,7 +274,7 @@ class ThroughputSummary(Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
         if self.steps >= 2:  # the first steps pay one-off costs (allocation, compilation)
             self.seconds += time.perf_counter() - self._start
-            self.images += batch.shape[0] * trainer.world_size
+            self.images += len(batch[0] if isinstance(batch, list) else batch) * trainer.world_size  # list: whole images
         self.steps += 1
 
 
@@ -471,7 +477,8 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
     data = build_pretrain_data(config.data.path, config.model.img_size, config.model.in_chans,
                                crop_min_scale=config.data.crop_min_scale, hflip=config.data.hflip,
                                max_memory_bytes=int(config.data.max_memory_gb * (1 << 30)),
-                               augment=config.data.augment)
+                               augment=config.data.augment, samples_per_epoch=config.data.samples_per_epoch,
+                               shuffle_buffer=config.data.shuffle_buffer)
     per_process = config.train.batch_size * trainer.world_size
     batches_per_epoch = len(data.dataset) // per_process
     optimizer_steps_per_epoch = max(1, batches_per_epoch // config.train.accumulate_grad_batches)
