@@ -489,7 +489,7 @@ def timm_create_kwargs(model: ModelConfig) -> dict:
 def timm_pretrained_cfg(model: ModelConfig, mean=None, std=None, num_classes: int = 0) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` facts for these weights: input size, normalisation of the training data."""
     cfg: dict[str, Any] = {"input_size": [model.in_chans, model.img_size, model.img_size], "fixed_input_size": True,
-                           "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": num_classes}
+                           "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": num_classes, "classifier": "head"}
     if mean is not None and std is not None:
         cfg.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
     return cfg
