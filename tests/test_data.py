@@ -102,7 +102,7 @@ def test_fashion_mnist():
 
 
 def test_fashion_mnist_missing(tmp_path, monkeypatch):
-    monkeypatch.setattr(D, "FASHION_MNIST_DIR", str(tmp_path / "nope"))
+    monkeypatch.setattr(D.idx, "FASHION_MNIST_DIR", str(tmp_path / "nope"))
     with pytest.raises(DataError) as err:
         build_pretrain_data("fashion-mnist", 28, 1)
     assert_one_line(err, "sudo apt-get install dataset-fashion-mnist", "--data DIR")
@@ -158,11 +158,15 @@ def test_folder_skips_bad_files(tmp_path, in_chans):
     assert len([w for w in record if "skipping" in str(w.message)]) == 2
     assert sorted(os.path.basename(f) for f in pre.skipped_files) == ["notes.png", "truncated.jpg"]
     assert pre.num_images == 4 and pre.in_memory and len(pre.dataset) == 4
-    assert pre.dataset[0].shape == (in_chans, D.stored_size(16), D.stored_size(16)) == (in_chans, 18, 18)
+    # whole images: shorter side S = stored_size(16) = 18, the 12 x 10 images keep their shape (21 x 18)
+    g16, size = pre.dataset[0]  # sorted order: g16.png, rgb.png, sub/gray.jpg, sub/rgba.PNG
+    assert D.stored_size(16) == 18 and g16.shape == (in_chans, 21, 18) and size.tolist() == [18, 18]
+    assert [pre.dataset[i][1].tolist() for i in (1, 2, 3)] == [[21, 18]] * 3
     assert len(pre.mean) == len(pre.std) == in_chans and all(0 < s < 1 for s in pre.std)
-    g16 = pre.dataset[0]  # sorted order: g16.png, rgb.png, sub/gray.jpg, sub/rgba.PNG
-    assert g16[:, 0, 0].tolist() == [255] * in_chans and g16[:, 0, -1].tolist() == [128] * in_chans
-    assert pre.batch_transform(torch.stack([pre.dataset[i] for i in range(4)])).shape == (4, in_chans, 16, 16)
+    assert g16[:, 0, 0].tolist() == [255] * in_chans and g16[:, 0, 17].tolist() == [128] * in_chans
+    assert torch.equal(g16[:, 18:], g16[:, 17:18].expand(-1, 3, -1))  # the last row repeats below the image
+    images, sizes = next(iter(DataLoader(pre.dataset, batch_size=4)))
+    assert pre.batch_transform([images, sizes]).shape == (4, in_chans, 16, 16)
     assert default_channels(str(tmp_path)) == 3 and default_img_size(str(tmp_path)) is None
 
 
@@ -181,11 +185,12 @@ def test_folder_streaming_and_parallel_decode(tmp_path, monkeypatch):
     batch = torch.stack([cached.dataset[i] for i in range(4)])
     assert torch.equal(cached.batch_transform(batch, generator=None), cached.batch_transform(batch))
     torch.testing.assert_close(cached.batch_transform(batch)[0], plain.dataset[0], atol=0.05, rtol=0)  # square g16.png
-    monkeypatch.setattr(D, "PARALLEL_DECODE_MIN_FILES", 0)  # decode with DataLoader workers
+    monkeypatch.setattr(D.folder, "PARALLEL_DECODE_MIN_FILES", 0)  # decode with DataLoader workers
     with pytest.warns(UserWarning):
         parallel = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3)
     serial = build_pretrain_data(str(tmp_path / "sub"), img_size=16, in_chans=3)
     assert parallel.num_images == 4 and torch.equal(parallel.dataset.images[2:], serial.dataset.images)
+    assert torch.equal(parallel.dataset.sizes[2:], serial.dataset.sizes)
 
 
 def test_streaming_replaces_bad_sample(tmp_path):

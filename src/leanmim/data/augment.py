@@ -1,0 +1,167 @@
+"""Masked-image-modeling augmentation: RandomResizedCrop + flip + normalize, on whole batches or per sample.
+
+In-memory data is augmented on whole uint8 batches by the engine (``BatchMIMAugment``,
+``BatchEvalTransform``); streamed data (large folders, shards) per sample in DataLoader workers
+(``sample_transform``, ``sample_eval_transform``) with torchvision's transforms.
+
+Whole images: a batch may come with each image's own size, ``(canvas uint8 (B, C, Hc, Wc), sizes int
+(B, 2))``, each image in the top-left ``sizes[i]`` corner of its canvas (the rest repeats its last
+row/column). Crops are then sampled from each image's whole area, as torchvision's
+RandomResizedCrop does on the original image.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from .common import stored_size
+
+RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def _unit_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float input is taken to be in [0, 1] already."""
+    return images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+
+
+def _channel_buffer(values: tuple[float, ...]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(1, -1, 1, 1)
+
+
+def _split_sizes(images) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch, or a (canvas, sizes) pair of whole images -> (images, sizes or None)."""
+    if isinstance(images, (tuple, list)):
+        return images[0], images[1]
+    return images, None
+
+
+def _global_rand(generator, rank: int, world_size: int, batch: int, *shape: int,
+                 dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Uniform draws for the whole global batch of ``world_size * batch`` images, this process's slice
+    [rank·batch, (rank+1)·batch): image i of the global batch gets the same numbers however it is split."""
+    everything = torch.rand(world_size * batch, *shape, dtype=dtype, generator=generator)
+    return everything[rank * batch:(rank + 1) * batch]
+
+
+class BatchMIMAugment(nn.Module):
+    """RandomResizedCrop + horizontal flip + normalize on a whole batch.
+
+    (B, C, H, W) uint8 or float in [0, 1] (or a whole-image ``(canvas, sizes)`` pair) -> float32
+    (B, C, img_size, img_size) normalized. Crops follow torchvision's RandomResizedCrop sampling
+    (area fraction ~ U(scale), aspect ratio log-uniform, integer box, ``tries`` attempts then the
+    central fallback), vectorised over the batch; crop, resize and flip are one ``affine_grid`` +
+    ``grid_sample`` (no antialiasing: stored images are at most a few times larger than the output).
+    ``generator`` must be a CPU generator; the batch may live on any device. Under data parallelism
+    pass the same generator state on every process with ``rank`` / ``world_size``: each image's draws
+    then depend on its position in the global batch only.
+    """
+
+    def __init__(self, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = RRC_RATIO,
+                 hflip: bool = True, interpolation: str = "bicubic", tries: int = 10):
+        super().__init__()
+        self.img_size, self.scale, self.ratio = img_size, scale, ratio
+        self.hflip, self.interpolation, self.tries = hflip, interpolation, tries
+        self.register_buffer("mean", _channel_buffer(mean), persistent=False)
+        self.register_buffer("std", _channel_buffer(std), persistent=False)
+
+    def sample_crops(self, batch: int, height, width, generator: torch.Generator | None = None,
+                     rank: int = 0, world_size: int = 1) -> torch.Tensor:
+        """Crop boxes (batch, 4) float64 as (top, left, h, w) in pixels; ``height``/``width`` are ints or
+        per-image (batch,) tensors."""
+        height = torch.as_tensor(height, dtype=torch.float64).expand(batch)
+        width = torch.as_tensor(width, dtype=torch.float64).expand(batch)
+        u = _global_rand(generator, rank, world_size, batch, self.tries, 4)
+        area = (height * width)[:, None] * (self.scale[0] + (self.scale[1] - self.scale[0]) * u[..., 0])
+        log_r = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        aspect = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * u[..., 1])
+        w, h = torch.sqrt(area * aspect).round(), torch.sqrt(area / aspect).round()
+        ok = (w > 0) & (w <= width[:, None]) & (h > 0) & (h <= height[:, None])
+        first = ok.int().argmax(1, keepdim=True)  # first valid try (0 when none is valid)
+        w, h, u = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0], u[torch.arange(batch), first[:, 0]]
+        top = torch.floor(u[:, 2] * (height - h + 1))
+        left = torch.floor(u[:, 3] * (width - w + 1))
+        # Fallback when no try fits: the largest central crop with an allowed aspect ratio.
+        image_ratio = width / height
+        fh = torch.where(image_ratio < min(self.ratio), (width / min(self.ratio)).round(), height)
+        fw = torch.where(image_ratio > max(self.ratio), (height * max(self.ratio)).round(), width)
+        fallback = torch.stack([torch.div(height - fh, 2, rounding_mode="floor"),
+                                torch.div(width - fw, 2, rounding_mode="floor"), fh, fw], dim=1)
+        boxes = torch.stack([top, left, h, w], dim=1)
+        return torch.where(ok.any(1, keepdim=True), boxes, fallback)
+
+    def forward(self, images, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+        images, sizes = _split_sizes(images)
+        x = _unit_float(images)
+        b, c, height, width = x.shape
+        if sizes is None:
+            top, left, h, w = self.sample_crops(b, height, width, generator, rank, world_size).unbind(1)
+        else:
+            sizes = sizes.to("cpu", torch.float64)
+            top, left, h, w = self.sample_crops(b, sizes[:, 0], sizes[:, 1], generator, rank, world_size).unbind(1)
+        sx = w / width
+        if self.hflip:
+            sx = torch.where(_global_rand(generator, rank, world_size, b, dtype=torch.float32) < 0.5, -sx, sx)
+        zero = torch.zeros_like(sx)
+        # Output pixel centres (normalized, align_corners=False) -> input coordinates of the box.
+        theta = torch.stack([torch.stack([sx, zero, (2 * left + w) / width - 1], 1),
+                             torch.stack([zero, h / height, (2 * top + h) / height - 1], 1)], 1)
+        theta = theta.to(device=x.device, dtype=x.dtype)
+        grid = F.affine_grid(theta, [b, c, self.img_size, self.img_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border", align_corners=False)
+        return x.clamp_(0, 1).sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+
+
+class BatchEvalTransform(nn.Module):
+    """Deterministic: optional centre crop to ``crop_size``, resize to img_size (antialiased),
+    normalize. (B, C, H, W) uint8 or float in [0, 1] -> float32 (B, C, img_size, img_size)."""
+
+    def __init__(self, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 crop_size: int | None = None, interpolation: str = "bicubic"):
+        super().__init__()
+        self.img_size, self.crop_size, self.interpolation = img_size, crop_size, interpolation
+        self.register_buffer("mean", _channel_buffer(mean), persistent=False)
+        self.register_buffer("std", _channel_buffer(std), persistent=False)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0,
+                world_size: int = 1) -> torch.Tensor:
+        """``generator``, ``rank`` and ``world_size`` are unused; they let callers treat this and
+        BatchMIMAugment alike."""
+        x = _unit_float(images)
+        if self.crop_size is not None and self.crop_size < min(x.shape[-2:]):
+            x = TF.center_crop(x, [self.crop_size, self.crop_size])
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            x = F.interpolate(x, size=(self.img_size, self.img_size), mode=self.interpolation,
+                              align_corners=False, antialias=True).clamp_(0, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+
+def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """Undo normalization for display: (..., C, H, W) -> float in [0, 1]."""
+    m = torch.tensor(mean, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=images.dtype, device=images.device).view(-1, 1, 1)
+    return (images * s + m).clamp(0, 1)
+
+
+def sample_transform(img_size: int, mean, std, crop_min_scale: float, hflip: bool) -> nn.Module:
+    """Per-sample equivalent of BatchMIMAugment on the whole decoded image (antialiased), for streamed data:
+    uint8 (C, H, W) -> float32 (C, img_size, img_size) normalized."""
+    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), ratio=RRC_RATIO,
+                                  interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    steps += [v2.RandomHorizontalFlip()] if hflip else []
+    return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def sample_eval_transform(img_size: int, mean, std) -> nn.Module:
+    """Per-sample evaluation view: shorter side to S = stored_size(img_size), centre crop img_size, normalize."""
+    return v2.Compose([v2.Resize(stored_size(img_size), interpolation=v2.InterpolationMode.BICUBIC,
+                                 antialias=True),
+                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
+                       v2.Normalize(mean, std)])

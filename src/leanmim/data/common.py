@@ -1,0 +1,172 @@
+"""What every data source shares: the error type, decoding one image, the in-memory dataset, statistics.
+
+Decoding uses Pillow: torchvision 0.29 deprecates its image decoders (a DeprecationWarning on every call)
+and ``decode_image`` returns palette indices for palette PNGs. The EXIF orientation tag is applied, so a
+photo taken sideways is read the way it is shown, not as stored.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+import warnings
+import weakref
+from typing import IO
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset, get_worker_info
+from torchvision.transforms.v2 import functional as TF
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
+STATS_SAMPLE = 2000               # images used to estimate a folder's (or shards') mean/std
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+_EXIF_ORIENTATION = 0x0112        # values 5-8 turn the image by 90 degrees
+
+
+class DataError(ValueError):
+    """A data problem; ``str(err)`` is one self-contained line saying what is wrong and how to fix it."""
+
+
+def load_image(source: str | IO[bytes], channels: int, draft_size: int | None = None) -> torch.Tensor:
+    """Decode one image (a path or a binary file object) to uint8 (channels, H, W); raises on unreadable data.
+
+    The EXIF orientation is applied (H, W are the displayed sides). Alpha is composited on black,
+    16-bit samples are scaled to 8 bits (round(v / 257)), RGB -> 1 channel uses ITU-R 601 luma.
+    ``draft_size`` lets JPEGs decode at a reduced scale whose both sides stay >= draft_size.
+    """
+    with Image.open(source) as im:
+        if draft_size is not None and im.format == "JPEG":
+            im.draft(im.mode, (draft_size, draft_size))
+        im.load()
+        im = ImageOps.exif_transpose(im)
+        if im.mode.startswith("I"):  # 16-bit (or 32-bit int) grayscale
+            wide = np.asarray(im).astype(np.int64).clip(0, 65535)
+            arr = ((wide + 128) // 257).astype(np.uint8)
+        else:
+            has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
+            arr = np.asarray(im.convert("RGBA" if has_alpha else "L" if im.mode in GRAY_MODES else "RGB"))
+    img = torch.from_numpy(arr.copy())
+    img = img[None] if img.ndim == 2 else img.permute(2, 0, 1)
+    if img.shape[0] == 4:
+        img = (img[:3].float() * (img[3:].float() / 255)).round_().to(torch.uint8)
+    if channels == 1 and img.shape[0] == 3:
+        img = TF.rgb_to_grayscale(img)
+    elif channels == 3 and img.shape[0] == 1:
+        img = img.expand(3, -1, -1)
+    return img.contiguous()
+
+
+def displayed_size(path: str) -> tuple[int, int]:
+    """(height, width) of an image as shown (EXIF orientation applied), from its header only."""
+    with Image.open(path) as im:
+        width, height = im.size
+        if im.getexif().get(_EXIF_ORIENTATION, 1) in (5, 6, 7, 8):
+            width, height = height, width
+    return height, width
+
+
+def image_mode(source: str | IO[bytes]) -> str:
+    with Image.open(source) as im:
+        return im.mode
+
+
+def stored_size(img_size: int) -> int:
+    """Shorter side S images are stored or resized to: round(img_size * 8 / 7) (224 -> 256, 32 -> 37),
+    the classic 0.875 ratio between the evaluation crop and the resized image."""
+    return round(img_size * 8 / 7)
+
+
+def one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def warn_skip(name: str, reason: str) -> None:
+    warnings.warn(f"skipping unreadable image '{name}' ({reason})", stacklevel=2)
+
+
+def check_args(img_size: int, in_chans: int) -> None:
+    if in_chans not in (1, 3):
+        raise DataError(f"in_chans={in_chans} is not supported: use 1 (grayscale) or 3 (RGB)")
+    if img_size < 1:
+        raise DataError(f"img_size={img_size} must be a positive number of pixels")
+
+
+def spread(n: int, k: int) -> list[int]:
+    """Up to k evenly spaced indices in range(n)."""
+    return torch.linspace(0, n - 1, min(n, k)).round().long().unique().tolist()
+
+
+def channel_stats(images: torch.Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean/std in [0, 1] units of up to STATS_SAMPLE evenly spaced uint8 (N, C, H, W) images."""
+    idx = torch.tensor(spread(images.shape[0], STATS_SAMPLE))
+    total = torch.zeros(images.shape[1], dtype=torch.float64)
+    total_sq = torch.zeros_like(total)
+    for chunk in idx.split(256):
+        x = images[chunk].double().div_(255)
+        total += x.sum((0, 2, 3))
+        total_sq += x.square().sum((0, 2, 3))
+    count = len(idx) * images.shape[2] * images.shape[3]
+    mean = total / count
+    std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
+    return tuple(mean.tolist()), tuple(std.tolist())
+
+
+class TensorImages(Dataset):
+    """In-memory images: uint8 (N, C, S, S) [+ int64 labels (N,)] -> image or (image, label).
+
+    ``__getitems__`` lets a DataLoader fetch a whole batch with one tensor index.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None = None):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        if self.labels is None:
+            return self.images[index]
+        return self.images[index], int(self.labels[index])
+
+    def __getitems__(self, indices: list[int]) -> list:
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        images = list(self.images[idx].unbind(0))
+        return images if self.labels is None else list(zip(images, self.labels[idx].tolist()))
+
+
+class SkipLog:
+    """Names of unreadable samples, including those found inside DataLoader worker processes (appended to a
+    small log file the main process reads back); removed when its owner is garbage-collected."""
+
+    def __init__(self, initial: list[str] | None = None):
+        self._names = list(initial or [])
+        self._log = os.path.join(tempfile.gettempdir(), f"leanmim-skipped-{uuid.uuid4().hex}.log")
+        weakref.finalize(self, _remove_owned, self._log, os.getpid())
+
+    @property
+    def names(self) -> list[str]:
+        logged = []
+        if os.path.exists(self._log):
+            with open(self._log) as f:
+                logged = f.read().splitlines()
+        return list(dict.fromkeys(self._names + logged))
+
+    def add(self, name: str, reason: str) -> None:
+        """Record (and warn about, once) an unreadable sample."""
+        if name in self.names:
+            return
+        warn_skip(name, reason)
+        self._names.append(name)
+        if get_worker_info() is not None:
+            with open(self._log, "a") as f:
+                f.write(name + "\n")
+
+
+def _remove_owned(path: str, owner_pid: int) -> None:
+    if os.getpid() == owner_pid and os.path.exists(path):
+        os.remove(path)

@@ -1,0 +1,320 @@
+"""Source: WebDataset shards (tar files of samples), read and written with the ``webdataset`` library.
+
+A sample is the tar members sharing one key: ``KEY.jpg`` (or png, webp, …: the image file's own bytes)
+and, for labelled data, ``KEY.cls`` (the class index as text). ``leanmim shard`` writes
+``SPLIT-000000.tar, …`` plus ``manifest.json`` (splits, shard names and sample counts, classes,
+channels, per-channel mean/std of an evenly spread sample of the training images).
+
+``--data`` names shards as a brace pattern (``'DIR/train-{000000..000127}.tar'``), any URL the library
+opens (``pipe:``, ``http(s)://``, …; only local files are tested), or a directory holding ``manifest.json``.
+
+Streaming for pretraining (``ShardSpec.loader``), one process of ``world_size``, ``W`` loader workers:
+
+    slot s = rank · W + worker        (W·world_size slots, each an independent stream)
+    epoch e: shards in a random order seeded by (seed, e), repeated as needed; slot s reads the
+             shards at positions s, s + slots, s + 2·slots, …
+      ─ tar samples ─ shuffle buffer (seeded by seed, e, s) ─ raw batches of B samples
+      ─ decode + augment in the worker (torch RNG seeded per batch) ─▶ float (B, C, img, img)
+    the DataLoader takes batches from the workers in turn; an epoch is samples_per_epoch // (B·world)
+    batches per process, split evenly between the workers.
+
+A sample that fails to decode is replaced by another sample of the same batch (so every batch keeps B
+images and consumes exactly B samples of the stream), warned about once and named in ``skipped_files``
+as ``SHARD:KEY``; an unreadable shard is skipped and named too.
+
+Resume guarantee: exact. Each epoch's stream is a function of (seed, epoch, rank, world size, workers),
+and a run resumed after k batches of an epoch regenerates that epoch's streams and fast-forwards each
+worker past the raw batches it had delivered without decoding them; per-batch augmentation seeds make the
+rest identical. Exact provided the resumed run has the same number of processes and ``--num-workers``
+(otherwise the data order changes, the run still continues), and no batch of the skipped part was wholly
+unreadable.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+import webdataset as wds
+from braceexpand import braceexpand
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .common import DataError, SkipLog, image_mode, load_image, one_line
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "leanmim-shards/1"
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif", "ppm", "pgm", "pnm")
+URL_SCHEMES = ("pipe:", "http://", "https://", "s3://", "gs://", "file:")
+
+
+# ----------------------------------------------------------------------------- naming shards
+
+def looks_like_shards(data: str) -> bool:
+    """A shard pattern or URL rather than a directory or a dataset name."""
+    return data.startswith(URL_SCHEMES) or bool(re.search(r"\.tar(\.gz)?(\}|$)|\{.*\.\..*\}", data))
+
+
+def is_shard_dir(path: str) -> bool:
+    return os.path.isfile(os.path.join(path, MANIFEST))
+
+
+def read_manifest(directory: str) -> dict[str, Any] | None:
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        manifest = json.loads(open(path).read())
+    except (OSError, ValueError) as e:
+        raise DataError(f"cannot read shard manifest '{path}' ({one_line(e)}): rewrite it with leanmim shard") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"'{path}' is not a leanmim shard manifest (format {MANIFEST_FORMAT}): "
+                        "rewrite the shards with leanmim shard")
+    return manifest
+
+
+@dataclass
+class ShardSpec:
+    """Shards named by ``--data``: their URLs per split, and the manifest when there is one."""
+    data: str
+    splits: dict[str, list[str]]                       # split -> shard URLs
+    manifest: dict[str, Any] | None = None
+    counts: dict[str, int | None] = field(default_factory=dict)   # split -> samples (manifest), None: unknown
+
+    @property
+    def classes(self) -> list[str] | None:
+        return (self.manifest or {}).get("classes")
+
+
+def open_shards(data: str, check_local: bool = True) -> ShardSpec:
+    """Resolve a shard pattern / URL / manifest directory into URLs (one-line DataError when nothing is there)."""
+    path = os.path.expanduser(data)
+    if os.path.isdir(path):
+        manifest = read_manifest(path)
+        if manifest is None:
+            raise DataError(f"'{data}' has no {MANIFEST}: pass a shard pattern such as '{data}/train-{{000000..000009}}.tar'")
+        splits, counts = {}, {}
+        for split, entry in manifest["splits"].items():
+            splits[split] = [os.path.join(path, shard["name"]) for shard in entry["shards"]]
+            counts[split] = int(entry["count"])
+        spec = ShardSpec(data, splits, manifest, counts)
+    else:
+        urls = list(braceexpand(path))
+        directory = os.path.dirname(urls[0]) if not data.startswith(URL_SCHEMES) else ""
+        manifest = read_manifest(directory) if directory and os.path.isdir(directory) else None
+        counts = {}
+        if manifest is not None:  # sample counts of the named shards, when the manifest lists them all
+            known = {shard["name"]: int(shard["count"]) for entry in manifest["splits"].values()
+                     for shard in entry["shards"]}
+            names = [os.path.basename(u) for u in urls]
+            counts["train"] = sum(known[n] for n in names) if all(n in known for n in names) else None
+        spec = ShardSpec(data, {"train": urls}, manifest, counts or {"train": None})
+    if check_local:
+        for split, urls in spec.splits.items():
+            local = [u for u in urls if not u.startswith(URL_SCHEMES)]
+            missing = [u for u in local if not os.path.isfile(u)]
+            if missing:
+                raise DataError(f"{len(missing)} of the {len(urls)} {split} shards named by '{data}' do not exist "
+                                f"(e.g. '{missing[0]}'): check the pattern, or write shards with leanmim shard")
+    return spec
+
+
+# ----------------------------------------------------------------------------- reading samples
+
+def _skip_shard(log: SkipLog) -> Callable[[Exception], bool]:
+    def handler(exn: Exception) -> bool:
+        where = re.search(r"@ (.*)$", str(exn.args[0]) if exn.args else "")
+        log.add(where.group(1) if where else "shard", one_line(exn))
+        return True  # continue with the next sample / shard
+    return handler
+
+
+def raw_samples(urls: list[str], log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Undecoded samples (dicts of bytes keyed by extension, plus __key__ and __url__) of ``urls`` in order."""
+    return wds.tarfile_to_samples(handler=_skip_shard(log))(iter([{"url": url} for url in urls]))
+
+
+def sample_name(sample: dict[str, Any]) -> str:
+    return f"{sample.get('__url__', '?')}:{sample.get('__key__', '?')}"
+
+
+def decode_sample(sample: dict[str, Any], channels: int) -> tuple[torch.Tensor, int | None]:
+    """uint8 (C, H, W) image (EXIF orientation applied) and the ``cls`` label (None when absent); raises if bad."""
+    image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+    if image is None:
+        raise DataError(f"no image member ({', '.join(IMAGE_KEYS)}) in the sample, only {sorted(k for k in sample if not k.startswith('__'))}")
+    label = int(sample["cls"]) if "cls" in sample else None
+    return load_image(io.BytesIO(image), channels), label
+
+
+def first_image_mode(urls: list[str]) -> str | None:
+    log = SkipLog()
+    for sample in itertools.islice(raw_samples(urls[:4], log), 16):
+        image = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        try:
+            return image_mode(io.BytesIO(image))
+        except Exception:  # noqa: BLE001 - a bad sample: try the next
+            continue
+    return None
+
+
+# ----------------------------------------------------------------------------- the training stream
+
+class ShardStream(IterableDataset):
+    """One process's stream of augmented batches: float (B, C, img, img) per item, ``__len__`` batches per epoch.
+
+    Built by :meth:`ShardSpec`-based :class:`ShardSource.loader`; ``epoch`` and ``skip`` (batches of this epoch
+    already trained) are set by the loader in the main process before its workers start.
+    """
+
+    def __init__(self, urls: list[str], channels: int, transform: nn.Module, batch_size: int, batches_per_epoch: int,
+                 seed: int, rank: int, world_size: int, shuffle_buffer: int, log: SkipLog):
+        self.urls, self.channels, self.transform = urls, channels, transform
+        self.batch_size, self.batches_per_epoch, self.seed = batch_size, batches_per_epoch, seed
+        self.rank, self.world_size, self.shuffle_buffer, self.log = rank, world_size, shuffle_buffer, log
+        self.epoch, self.skip = 0, 0
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def shard_order(self, epoch: int, slot: int, slots: int) -> Iterator[str]:
+        """This slot's shards for ``epoch``: every slots-th of an endless sequence of seeded permutations."""
+        for rounds in itertools.count():
+            order = torch.randperm(len(self.urls), generator=torch.Generator().manual_seed(
+                self.seed * 1_000_003 + epoch * 7919 + rounds))
+            for position, index in enumerate(order.tolist()):
+                if (rounds * len(self.urls) + position) % slots == slot:
+                    yield self.urls[index]
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        logical = (worker + self.skip) % workers   # resumed mid-epoch: the next batch is logical worker skip % W's
+        quota = len(range(logical, self.batches_per_epoch, workers))
+        skip = len(range(logical, self.skip, workers))
+        slot, slots = self.rank * workers + logical, self.world_size * workers
+        samples = _endless(self.shard_order(self.epoch, slot, slots), self.log)
+        shuffled = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+                               seed=self.seed * 1_000_003 + self.epoch * 7919 + slot)(samples)
+        delivered = 0
+        for index in itertools.count():
+            raw = list(itertools.islice(shuffled, self.batch_size))
+            if delivered >= quota or len(raw) < self.batch_size:
+                return
+            if index < skip:
+                delivered += 1
+                continue
+            seed = (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1009 + logical) * 1_000_003 + index
+            batch = self._decode(raw, seed % (1 << 63))
+            if batch is not None:
+                delivered += 1
+                yield batch
+
+    def _decode(self, raw: list[dict[str, Any]], seed: int) -> torch.Tensor | None:
+        """Decode and augment B raw samples; a bad sample is replaced by the batch's next good one."""
+        decoded: list[torch.Tensor | None] = []
+        for sample in raw:
+            try:
+                decoded.append(decode_sample(sample, self.channels)[0])
+            except Exception as e:  # noqa: BLE001 - any decoder error: skip the sample, never the epoch
+                self.log.add(sample_name(sample), one_line(e))
+                decoded.append(None)
+        good = [i for i, image in enumerate(decoded) if image is not None]
+        if not good:
+            return None
+        images = [decoded[i] if decoded[i] is not None else decoded[next((g for g in good if g > i), good[0])]
+                  for i in range(len(decoded))]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return torch.stack([self.transform(image) for image in images])
+
+
+def _endless(shards: Iterator[str], log: SkipLog) -> Iterator[dict[str, Any]]:
+    """Samples of the shards in ``shards`` (an endless sequence), one shard after the other."""
+    empty = 0
+    for url in shards:
+        found = False
+        for sample in raw_samples([url], log):
+            found = True
+            yield sample
+        empty = 0 if found else empty + 1
+        if empty > 1000:
+            raise DataError(f"no readable sample in the last 1000 shards read (e.g. '{url}'): check the shards")
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader over a :class:`ShardStream` that tells it the epoch (and where a resumed epoch starts)
+    before the workers start: ``epoch()`` gives the trainer's current epoch."""
+
+    def __init__(self, stream: ShardStream, num_workers: int, epoch: Callable[[], int],
+                 resume_at: tuple[int, int] | None):
+        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        self._epoch, self._resume_at = epoch, resume_at
+
+    def __iter__(self):
+        stream = self.dataset
+        stream.epoch, stream.skip = self._epoch(), 0
+        if self._resume_at is not None and self._resume_at[0] == stream.epoch:
+            stream.skip, self._resume_at = self._resume_at[1], None
+        return super().__iter__()
+
+
+@dataclass
+class ShardSource:
+    """What ``build_pretrain_data`` returns as the dataset for shards: ``len()`` is the samples per epoch;
+    :meth:`loader` builds this process's DataLoader (the engine calls it with its rank and world size)."""
+    urls: list[str]
+    channels: int
+    transform: nn.Module
+    samples_per_epoch: int
+    shuffle_buffer: int
+    log: SkipLog
+
+    def __len__(self) -> int:
+        return self.samples_per_epoch
+
+    @property
+    def skipped_files(self) -> list[str]:
+        return self.log.names
+
+    def loader(self, batch_size: int, seed: int, rank: int, world_size: int, num_workers: int,
+               epoch: Callable[[], int] = lambda: 0, resume_at: tuple[int, int] | None = None) -> DataLoader:
+        batches = self.samples_per_epoch // (batch_size * world_size)
+        if batches == 0:
+            raise DataError(f"--samples-per-epoch {self.samples_per_epoch} is less than one global batch of "
+                            f"{batch_size * world_size}: raise it or lower --batch-size")
+        stream = ShardStream(self.urls, self.channels, self.transform, batch_size, batches, seed, rank, world_size,
+                             self.shuffle_buffer, self.log)
+        return _EpochLoader(stream, num_workers, epoch, resume_at)
+
+
+# ----------------------------------------------------------------------------- labelled shards in memory
+
+def read_split(urls: list[str], channels: int, to_stored: Callable[[torch.Tensor], torch.Tensor], log: SkipLog,
+               max_bytes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of ``urls`` in order, decoded and passed through ``to_stored`` -> (uint8 (N, C, S, S),
+    int64 labels (N,)); bad samples are skipped and logged."""
+    images, labels = [], []
+    for sample in raw_samples(urls, log):
+        try:
+            image, label = decode_sample(sample, channels)
+        except Exception as e:  # noqa: BLE001
+            log.add(sample_name(sample), one_line(e))
+            continue
+        if label is None:
+            raise DataError(f"sample '{sample_name(sample)}' has no .cls label: probing and fine-tuning need labelled "
+                            "shards (leanmim shard on a DIR/train/<class>/ layout or on fashion-mnist)")
+        images.append(to_stored(image))
+        labels.append(label)
+        if len(images) * channels * size * size > max_bytes:
+            raise DataError(f"the labelled shards do not fit in memory (over {max_bytes / (1 << 30):.1f} GiB decoded): "
+                            "probing and fine-tuning read labelled shards into memory; use a smaller split")
+    if not images:
+        raise DataError(f"no readable labelled sample in {len(urls)} shard(s) (e.g. '{urls[0]}'): check the shards")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)
