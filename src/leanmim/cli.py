@@ -239,13 +239,33 @@ def command_bench(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_shard(args) -> int:
+    from .data import write_shards
+    manifest = write_shards(args.source, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(manifest))
+    else:
+        for split, entry in manifest["splits"].items():
+            print(f"{split}: {entry['count']} samples in {len(entry['shards'])} shards, --data "
+                  f"'{args.out}/{entry['pattern']}'")
+        print(f"manifest: {args.out}/manifest.json (--data {args.out} reads the train split, or both for probe/finetune)")
+    return 0
+
+
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only``, the flags of that subcommand alone (the others listed by name):
+    ``pretrain`` and ``finetune`` generate their flags from classes that import torch and Lightning, which
+    ``leanmim --help`` or ``leanmim cost --help`` should not wait for."""
+    def wanted(name: str) -> bool:
+        return only is None or only == name
+
     parser = OneLineParser(prog="leanmim", description="Masked image modeling pretraining for ViTs at low compute.")
     parser.add_argument("--version", action="version", version=f"leanmim {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder (resumes a run found in --out)")
-    add_pretrain_flags(pretrain)
+    if wanted("pretrain"):
+        add_pretrain_flags(pretrain)
     pretrain.add_argument("--json", action="store_true", help="print the run summary as JSON")
     pretrain.set_defaults(handler=command_pretrain)
 
@@ -306,13 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
     methods.add_argument("--json", action="store_true")
     methods.set_defaults(handler=command_methods)
 
-    from .finetune import FinetuneConfig
     finetune = commands.add_parser("finetune", help="fine-tune a run's encoder for classification "
                                                     "(MAE protocol; resumes a fine-tuning found in --out)")
     finetune.add_argument("run", nargs="?", help="pretraining run directory or checkpoint (or pass --init-from)")
-    group = finetune.add_argument_group("fine-tuning")
-    for field in dataclasses.fields(FinetuneConfig):
-        add_field_flag(group, field, f"finetune.{field.name}")
+    if wanted("finetune"):
+        from .finetune import FinetuneConfig
+        group = finetune.add_argument_group("fine-tuning")
+        for field in dataclasses.fields(FinetuneConfig):
+            add_field_flag(group, field, f"finetune.{field.name}")
     finetune.add_argument("--json", action="store_true", help="print the results as one JSON object")
     finetune.set_defaults(handler=command_finetune)
 
@@ -335,6 +356,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     bench.add_argument("--json", action="store_true", help="print one JSON object")
     bench.set_defaults(handler=command_bench)
+
+    shard = commands.add_parser("shard", help="write WebDataset shards (tar) + manifest from an image folder or "
+                                              "fashion-mnist")
+    shard.add_argument("source", help="image folder (recursive; DIR/train/<class>/ + DIR/test/<class>/ keeps classes "
+                                      "as cls), an MNIST-format directory, or fashion-mnist")
+    shard.add_argument("--out", required=True, help="directory for SPLIT-000000.tar ... and manifest.json")
+    shard.add_argument("--shard-size", type=int, default=10_000, help="samples per shard [10000]")
+    shard.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
+    shard.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    shard.set_defaults(handler=command_shard)
     return parser
 
 
@@ -347,7 +378,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure ends in one ``leanmim: error:`` line and exit code 2 (a signal that stopped
     training: one ``leanmim: interrupted`` line and 128 + the signal number, e.g. 130 for Ctrl-C)."""
     try:
-        args = build_parser().parse_args(argv)
+        argv = list(sys.argv[1:] if argv is None else argv)
+        command = next((arg for arg in argv if not arg.startswith("-")), "")
+        args = build_parser(only=command).parse_args(argv)
         return args.handler(args)
     except ConfigError as err:
         print(f"leanmim: error: {one_line(err)}", file=sys.stderr)

@@ -200,7 +200,7 @@ class ShardStream(IterableDataset):
         skip = len(range(logical, self.skip, workers))
         slot, slots = self.rank * workers + logical, self.world_size * workers
         samples = _endless(self.shard_order(self.epoch, slot, slots), self.log)
-        shuffled = wds.shuffle(bufsize=self.shuffle_buffer, initial=self.shuffle_buffer,
+        shuffled = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 1000),
                                seed=self.seed * 1_000_003 + self.epoch * 7919 + slot)(samples)
         delivered = 0
         for index in itertools.count():
