@@ -129,3 +129,25 @@ def test_old_checkpoints_without_a_stored_table_get_the_table_they_were_trained_
     assert torch.equal(fresh.encoder.pos_embed, legacy_sincos_pos_embed(fresh.encoder.grid_size, 32))
     assert not torch.allclose(fresh.encoder.pos_embed, mae.encoder.pos_embed)
     assert "encoder.pos_embed" in mae.state_dict() and "decoder.pos_embed" in mae.state_dict()
+
+
+def test_decoder_default_fits_the_encoder_and_oversized_decoders_warn():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no default decoder warns
+        tiny = ModelConfig(name="vit_tiny_patch16", img_size=64).resolved()
+        small = ModelConfig(name="vit_small_patch16").resolved()
+        base = ModelConfig(name="vit_base_patch16").resolved()
+        huge = ModelConfig(name="vit_huge_patch14").resolved()
+    assert (tiny.decoder_embed_dim, tiny.decoder_depth, tiny.decoder_num_heads) == (192, 4, 6)
+    assert (small.decoder_embed_dim, small.decoder_depth, small.decoder_num_heads) == (384, 4, 12)
+    for model in (base, huge):
+        assert (model.decoder_embed_dim, model.decoder_depth, model.decoder_num_heads) == (512, 8, 16)
+    # the derived decoder costs less than the encoder per token; MAE's 512 × 8 on ViT-Tiny costs 4.7× more: warned
+    with pytest.warns(UserWarning, match="costs more per token than the encoder"):
+        ModelConfig(name="vit_tiny_patch16", img_size=64, decoder_embed_dim=512, decoder_depth=8,
+                    decoder_num_heads=16).resolved()
+    mae = build_method("mae", tiny, {})
+    macs = count_forward(mae, torch.randn(1, 3, 64, 64))
+    assert macs["decoder"] < 2 * macs["encoder"]   # was 15× with 512 × 8 (0.437 G vs 0.029 G)

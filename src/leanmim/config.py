@@ -52,6 +52,17 @@ TIMM_NAMES = {
 }
 
 
+def default_decoder(embed_dim: int) -> dict[str, int]:
+    """The decoder fitted to the encoder: MAE's 512 × 8 (16 heads) from width 512 up (ViT-B/L/H); narrower encoders
+    get a decoder as wide as themselves with 4 blocks, heads of 32 channels — about 1/3 of the encoder's per-token
+    cost for a 12-block encoder, as MAE's ViT-B decoder (8·512² / 12·768² ≈ 0.30)."""
+    width = min(embed_dim, 512)
+    heads = max(1, width // 32)
+    while width % heads:
+        heads -= 1
+    return {"decoder_embed_dim": width, "decoder_depth": 8 if width == 512 else 4, "decoder_num_heads": heads}
+
+
 @dataclass
 class ModelConfig:
     name: str = option("vit_tiny_patch16", "encoder preset", cli="model", choices=tuple(MODEL_PRESETS))
@@ -62,9 +73,9 @@ class ModelConfig:
     depth: int | None = option(None, "encoder blocks (default: the preset's)")
     num_heads: int | None = option(None, "encoder attention heads (default: the preset's)")
     mlp_ratio: float = option(4.0, "MLP hidden width / token width")
-    decoder_embed_dim: int = option(512, "decoder width (MAE: 512)")
-    decoder_depth: int = option(8, "decoder blocks (MAE: 8)")
-    decoder_num_heads: int = option(16, "decoder attention heads (MAE: 16)")
+    decoder_embed_dim: int | None = option(None, "decoder width (default: min(encoder width, 512); MAE: 512)")
+    decoder_depth: int | None = option(None, "decoder blocks (default: 8 at width 512 as MAE, else 4)")
+    decoder_num_heads: int | None = option(None, "decoder attention heads (default: width / 32, MAE's head size)")
     drop_path: float = option(0.0, "stochastic depth rate of the encoder")
 
     def resolved(self, native_img_size: int | None = None, native_chans: int | None = None) -> "ModelConfig":
@@ -78,8 +89,15 @@ class ModelConfig:
                 values[key] = default
         values["img_size"] = values["img_size"] or native_img_size or 224
         values["in_chans"] = values["in_chans"] or native_chans or 3
+        values.update({key: value for key, value in default_decoder(values["embed_dim"]).items() if values[key] is None})
         model = ModelConfig(**values)
         model.validate()
+        if model.decoder_depth * model.decoder_embed_dim ** 2 > model.depth * model.embed_dim ** 2:
+            import warnings
+            warnings.warn(f"the decoder ({model.decoder_embed_dim} wide, {model.decoder_depth} blocks) costs more per "
+                          f"token than the encoder ({model.embed_dim} wide, {model.depth} blocks); MAE's ViT-B decoder "
+                          f"costs 0.3x its encoder per token: consider a smaller --decoder-embed-dim/--decoder-depth "
+                          f"(see 'leanmim cost')")
         return model
 
     def validate(self) -> None:
