@@ -1,6 +1,7 @@
 """The command line: the contract other work relies on, and one-line errors for bad input."""
 
 import json
+from pathlib import Path
 
 import pytest
 import timm
@@ -59,12 +60,12 @@ def test_bad_inputs_get_one_line_errors(capsys, tiny_data, trained_run, tmp_path
     assert_one_line_error(capsys, ["pretrain", "--config", unknown_key], "unknown option(s) learning_speed")
     # a run directory of another model or method
     assert_one_line_error(capsys, ["pretrain", "--data", tiny_data, "--out", trained_run, *TINY, "--depth", "3"],
-                          "does not match")
+                          "holds a different pretrain run (model.depth: 2 -> 3;")
     not_a_checkpoint = tmp_path / "junk.ckpt"
     not_a_checkpoint.write_bytes(b"not a checkpoint")
     assert_one_line_error(capsys, ["export", not_a_checkpoint, "--out", tmp_path / "e.safetensors"],
-                          "cannot read checkpoint")
-    assert_one_line_error(capsys, ["export", tmp_path, "--out", tmp_path / "e.safetensors"], "holds no checkpoint")
+                          "is truncated or corrupt")
+    assert_one_line_error(capsys, ["export", tmp_path, "--out", tmp_path / "e.safetensors"], "holds no readable checkpoint")
 
 
 def test_written_config_feeds_back(capsys, trained_run, tmp_path):
@@ -103,8 +104,12 @@ def test_probe_reconstruct_cost_methods(capsys, trained_run, tmp_path):
     assert code == 0, err
     report = json.loads(out)
     assert 0.5 < report["knn_top1"] <= 1 and 0.5 < report["linear_top1"] <= 1   # two easy classes
-    assert (trained_run / "probe.json").is_file()
-    assert "probe" in json.loads((trained_run / "summary.json").read_text())
+    assert report["saved_to"].startswith(str(trained_run / "probes" / "encoder-mean-step12-"))
+    assert json.loads(Path(report["saved_to"]).read_text())["knn_top1"] == report["knn_top1"]
+    # another setting gets its own file: results never overwrite each other
+    code, out, _ = run_cli(capsys, "probe", trained_run, "--json", "--linear-epochs", "5", "--k", "5")
+    assert code == 0 and json.loads(out)["saved_to"] != report["saved_to"]
+    assert len(json.loads((trained_run / "summary.json").read_text())["probes"]) == 2
 
     picture = tmp_path / "recon.png"
     code, _, err = run_cli(capsys, "reconstruct", trained_run, "--out", picture, "--num-images", "3")
