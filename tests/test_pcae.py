@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
-from leanmim.compression import (blocks_for_depth, drop_fraction, keep_fraction, run_blocks_compressed,
-                                 similarity_to_mean)
+from leanmim.compression import (drop_fraction, keep_fraction, rescale_blocks_of_12, run_blocks_compressed,
+                                 similarity_to_mean, teacher_blocks_for_depth)
+from leanmim.deep_supervision import supervised_blocks_for_depth
 from leanmim.config import ConfigError
 from leanmim.cost import count_forward, count_train_step, method_cost, parameter_counts
 from leanmim.losses import normalized_pixels, standardize_tokens
@@ -51,9 +52,39 @@ def test_kept_counts_of_the_paper():
     drop_tenth = drop_fraction(0.1)
     assert [drop_tenth(n) for n in (196, 177, 160)] == [177, 160, 144]
     assert drop_fraction(0.3)(100) == 70 and keep_fraction(0.7)(100) == 70   # no floating-point off-by-one
-    assert keep_fraction(0.1)(3) == 1 and drop_fraction(0.9)(1) == 1          # never empty
-    assert blocks_for_depth((1, 5, 9), 12) == (1, 5, 9) and blocks_for_depth((3, 6, 9), 24) == (6, 12, 18)
-    assert blocks_for_depth((3, 6, 9), 6) == (2, 3, 4)
+    assert keep_fraction(0.1)(3) == 1 and drop_fraction(0.9)(1) == 1          # never empty (the authors' int(n·ρ): 0)
+    assert rescale_blocks_of_12((3, 6, 9), 12) == (3, 6, 9) and rescale_blocks_of_12((3, 6, 9), 24) == (6, 12, 18)
+    assert rescale_blocks_of_12((3, 6, 9), 6) == (2, 3, 4)
+
+
+def test_teacher_blocks_follow_the_authors_rule_at_any_depth():
+    """Released rule: after 0-indexed blocks i·(depth // 3), i = 0, 1, 2; ours are 1-indexed (+1)."""
+    released = {12: (0, 4, 8), 24: (0, 8, 16), 32: (0, 10, 20)}
+    for depth, zero_indexed in released.items():
+        assert teacher_blocks_for_depth(depth) == tuple(block + 1 for block in zero_indexed)
+    assert teacher_blocks_for_depth(24) == (1, 9, 17) and teacher_blocks_for_depth(32) == (1, 11, 21)
+    assert teacher_blocks_for_depth(8) == (1, 3, 5) and teacher_blocks_for_depth(4) == (1, 2, 3)
+    assert teacher_blocks_for_depth(2) == (1,)                       # 2 // 3 = 0: one stage, after the first block
+    # the rescaling rule stays for deep supervision (no released code): a different answer at 24 and 32
+    assert supervised_blocks_for_depth((6, 8, 10, 12), 24) == (12, 16, 20, 24)
+    assert supervised_blocks_for_depth((6, 8, 10, 12), 32) == (16, 21, 27, 32)
+    assert rescale_blocks_of_12((1, 5, 9), 24) == (2, 10, 18) != teacher_blocks_for_depth(24)
+
+
+@pytest.mark.parametrize("depth, stages", [(12, (1, 5, 9)), (24, (1, 9, 17)), (32, (1, 11, 21))])
+def test_teacher_compresses_after_the_authors_blocks_at_depths_12_24_32(depth, stages):
+    torch.manual_seed(0)
+    pcae = build_method("pcae", deep_tiny_model(depth=depth), {})    # L = 64, M = 48 masked, ρ = 0.5
+    assert pcae.teacher_blocks == stages
+    lengths, hooks = block_input_lengths(pcae.teacher.blocks)
+    pcae(torch.randn(2, 1, 32, 32), rng=BatchRandom(seed=0))
+    for handle in hooks:
+        handle.remove()
+    # block b (1-indexed) sees 48 tokens halved once for every stage block before it
+    assert lengths == [48 // 2 ** sum(stage < block for stage in stages) for block in range(1, depth + 1)]
+    assert lengths[stages[1]] == 12 and lengths[stages[1] - 1] == 24   # the second stage is after block stages[1]
+    override = build_method("pcae", deep_tiny_model(depth=depth), {"teacher_blocks": "2,3"})
+    assert override.teacher_blocks == (2, 3)                         # --teacher-blocks still wins
 
 
 def test_least_similar_tokens_are_kept_with_their_ids():
@@ -220,7 +251,7 @@ def test_feature_target_is_one_minus_cosine_to_standardized_teacher_features():
     assert torch.allclose(pcae.targets(images, features, ids_retained), target, atol=1e-5)
     cosine = (prediction * target).sum(-1) / (prediction.norm(dim=-1) * target.norm(dim=-1))
     assert output.loss.item() == pytest.approx((1 - cosine).mean().item(), rel=1e-5)
-    assert standardize_tokens(features).shape == (2, 12, 16)
+    assert standardize_tokens(features).shape == (2, 24, 16)     # depth 2: one stage (2 // 3 = 0), 48 → 24
 
 
 def test_ema_teacher_starts_as_the_student_and_follows_the_momentum_formula():

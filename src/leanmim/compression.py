@@ -10,12 +10,14 @@ know which patches survived.
 
 Two users:
 - the PCAE teacher runs over the masked patch tokens only (no cls), keep ratio ρ = 0.5 after
-  blocks 1, 5, 9 (1-indexed) of 12;
+  blocks 1, 5, 9 (1-indexed) of 12, at any depth by the authors' rule (:func:`teacher_blocks_for_depth`);
 - ``ViTEncoder.forward_features(images, token_drop=R)`` at fine-tune / inference time keeps the cls
   token, scores the patch tokens only (DESIGN CHOICE: the mean is over patch tokens) and drops
-  ⌊n·R⌋ of them after blocks 3, 6, 9 (1-indexed) of 12 (ViT-B/16, R = 0.1: 196 → 177 → 160 → 144).
+  ⌊n·R⌋ of them after blocks 3, 6, 9 (1-indexed) of 12 (ViT-B/16, R = 0.1: 196 → 177 → 160 → 144),
+  rescaled to other depths (:func:`rescale_blocks_of_12`).
 
-Block numbers are 1-indexed ("after block 3" = after the third block), like ``return_layers``.
+Block numbers are 1-indexed ("after block 3" = after the third block), like ``return_layers``. The
+authors' code numbers from 0: its "after block 0" is our "after block 1".
 """
 
 from __future__ import annotations
@@ -30,21 +32,38 @@ from torch import Tensor, nn
 from .config import ConfigError
 from .tokens import gather_tokens
 
-# Where compression happens in a 12-block encoder (1-indexed block numbers, scaled to other depths).
-TEACHER_BLOCKS_OF_12 = (1, 5, 9)      # the authors' pretraining default: after blocks 0, 4, 8 (0-indexed)
-DOWNSTREAM_BLOCKS_OF_12 = (3, 6, 9)   # our fit of the authors' fine-tune MACs table
+TEACHER_STAGES = 3                    # the PCAE teacher compresses 3 times (the authors' default)
+DOWNSTREAM_BLOCKS_OF_12 = (3, 6, 9)   # our fit of the authors' fine-tune MACs table (1-indexed, of 12 blocks)
 
 TokenScore = Callable[[Tensor], Tensor]   # (B, n, D) tokens -> (B, n) scores, the lowest are kept
 KeptCount = Callable[[int], int]          # n tokens -> how many survive a stage
 
 
-def blocks_for_depth(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]:
-    """Map 1-indexed block numbers given for 12 blocks to ``depth`` blocks at the same relative depth."""
+def teacher_blocks_for_depth(depth: int, stages: int = TEACHER_STAGES) -> tuple[int, ...]:
+    """1-indexed blocks after which the PCAE teacher compresses, by the authors' released rule: after their
+    0-indexed blocks i·(depth // stages), i = 0 … stages − 1, i.e. our blocks i·(depth // stages) + 1.
+
+    ViT-B (12): 1, 5, 9 (theirs 0, 4, 8); ViT-L (24): 1, 9, 17 (0, 8, 16); ViT-H (32): 1, 11, 21 (0, 10, 20).
+    Depths below ``stages`` compress once, after block 1 (the repeated block numbers collapse).
+    """
+    step = depth // stages
+    return tuple(sorted({i * step + 1 for i in range(stages)}))
+
+
+def rescale_blocks_of_12(blocks_of_12: Sequence[int], depth: int) -> tuple[int, ...]:
+    """Map 1-indexed block numbers given for 12 blocks to ``depth`` blocks at the same relative depth
+    (rounded, duplicates merged): e.g. 3, 6, 9 of 12 -> 6, 12, 18 of 24. Used where no released code fixes
+    the rule: downstream token drop and DDAE's deep supervision (6, 8, 10, 12 of 12). The PCAE teacher
+    uses :func:`teacher_blocks_for_depth` instead."""
     return tuple(sorted({max(1, min(depth, round(b * depth / 12))) for b in blocks_of_12}))
 
 
 def keep_fraction(keep_ratio: float) -> KeptCount:
-    """Keep ⌊n·ρ⌋ tokens (at least one): the PCAE teacher, ρ = 0.5 gives 147 → 73 → 36 → 18."""
+    """Keep ⌊n·ρ⌋ tokens (at least one): the PCAE teacher, ρ = 0.5 gives 147 → 73 → 36 → 18.
+
+    DESIGN CHOICE: the authors' code keeps ``int(n·ρ)``, which is 0 once n·ρ < 1 (a later stage of a
+    deep teacher with few masked tokens, or a small ρ); we keep at least one token so that the decoder
+    always has a query and the loss is defined. Where int(n·ρ) ≥ 1 the two agree."""
     return lambda num_tokens: max(1, math.floor(num_tokens * keep_ratio + 1e-9))
 
 

@@ -6,6 +6,11 @@ along the batch and decoded *once* by a light decoder whose weights every depth 
 (mask tokens at the masked positions, its own position embedding, a few blocks, one head).
 The head predicts, per position, normalized pixels (p²·C values) and, where a teacher is
 distilled, the teacher's features at the same depth (D values).
+
+Which blocks: given as block numbers of a 12-block encoder (default 6, 8, 10, 12) and rescaled to
+the actual depth by :func:`supervised_blocks_for_depth`. DDAE has no released code to follow here;
+this is a different rule from the PCAE teacher's (``compression.teacher_blocks_for_depth``, the
+authors' ``i·(depth // 3)``), and the two are kept apart on purpose.
 """
 
 from __future__ import annotations
@@ -14,8 +19,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .compression import rescale_blocks_of_12
 from .decoder import MaskedDecoder
 from .encoder import init_mae_weights
+
+
+def supervised_blocks_for_depth(blocks_of_12: tuple[int, ...], depth: int) -> tuple[int, ...]:
+    """1-indexed supervised blocks of a ``depth``-block encoder from numbers given for 12 blocks, at the same
+    relative depth (rounded, duplicates merged): 6, 8, 10, 12 of 12 -> 12, 16, 20, 24 of 24; 2, 3, 4 of 4."""
+    return rescale_blocks_of_12(blocks_of_12, depth)
 
 
 class DepthInput(nn.Sequential):

@@ -17,7 +17,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .compression import (DOWNSTREAM_BLOCKS_OF_12, blocks_for_depth, check_token_drop, drop_fraction,
+from .compression import (DOWNSTREAM_BLOCKS_OF_12, check_token_drop, drop_fraction, rescale_blocks_of_12,
                           run_blocks_compressed)
 from .tokens import gather_tokens
 
@@ -166,7 +166,7 @@ class ViTEncoder(nn.Module):
         if not token_drop:
             return self.run_blocks(tokens)[0]
         check_token_drop(token_drop)
-        stage_blocks = blocks_for_depth(DOWNSTREAM_BLOCKS_OF_12, self.depth) if drop_after is None else drop_after
+        stage_blocks = rescale_blocks_of_12(DOWNSTREAM_BLOCKS_OF_12, self.depth) if drop_after is None else drop_after
         ids = torch.arange(self.num_patches, device=tokens.device).expand(tokens.shape[0], -1)
         tokens, _ = run_blocks_compressed(self.blocks, tokens, ids, stage_blocks, drop_fraction(token_drop),
                                           num_fixed=1)

@@ -21,12 +21,11 @@ from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, option
 from ..decoder import MaskedDecoder
-from ..deep_supervision import DeepSupervision
+from ..deep_supervision import DeepSupervision, supervised_blocks_for_depth
 from ..encoder import ViTEncoder
 from ..losses import reconstruction_loss
 from ..tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
 from ..weighting import depth_beta, distance_to_visible, dynamic_weights
-from ..compression import blocks_for_depth
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 
@@ -90,7 +89,7 @@ class MAE(MIMMethod):
         self.deep_supervision = None
         if options.deep_supervision:
             blocks_of_12 = tuple(parse_numbers("deep_supervision_blocks", options.deep_supervision_blocks, int))
-            self.supervised_blocks = blocks_for_depth(blocks_of_12, model.depth)
+            self.supervised_blocks = supervised_blocks_for_depth(blocks_of_12, model.depth)
             self.supervision_weights = resolve_depth_weights(options.deep_supervision_weights, self.supervised_blocks)
             self.deep_supervision = DeepSupervision(
                 self.supervised_blocks, model.embed_dim, model.decoder_embed_dim, options.deep_supervision_decoder_depth,

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compression import (TEACHER_BLOCKS_OF_12, TokenScore, blocks_for_depth, keep_fraction, run_blocks_compressed,
-                           similarity_to_mean)
+from ..compression import (TokenScore, keep_fraction, run_blocks_compressed, similarity_to_mean,
+                           teacher_blocks_for_depth)
 from ..config import ConfigError, ModelConfig, option
 from ..losses import normalized_pixels, per_token_cosine_distance, per_token_mse, standardize_tokens
 from ..teacher import cosine_momentum, ema_update, make_teacher
@@ -37,7 +37,8 @@ class PCAEOptions:
     mask_ratio: float = option(0.75, "fraction of patches hidden from the encoder")
     keep_ratio: float = option(0.5, "fraction ρ of its tokens the teacher keeps at each compression stage")
     teacher_blocks: list | None = option(None, "1-indexed teacher blocks after which it compresses "
-                                               "(default: 1,5,9 of 12, scaled to the depth)")
+                                               "(default: the authors' rule i·(depth//3)+1, i=0,1,2: "
+                                               "1,5,9 of 12; 1,9,17 of 24)")
     drop_policy: str = option("similarity", "which teacher tokens are dropped: 'similarity' (most like the mean) "
                                             "or 'random' (ablation)", choices=("similarity", "random"))
     target: str = option("features", "'features': teacher features, 1 − cosine; 'pixels': normalized pixels, MSE",
@@ -74,7 +75,7 @@ class PCAE(MIMMethod):
         predicts_features = options.target == "features"
         self.decoder = build_decoder(model, out_dim=model.embed_dim if predicts_features else model.patch_dim)
         if options.teacher_blocks is None:
-            self.teacher_blocks = blocks_for_depth(TEACHER_BLOCKS_OF_12, model.depth)
+            self.teacher_blocks = teacher_blocks_for_depth(model.depth)
         else:
             if not all(1 <= block <= model.depth for block in options.teacher_blocks):
                 raise ConfigError(f"teacher_blocks must lie in 1…{model.depth} (1-indexed), "
