@@ -67,7 +67,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     # |Δ| ≥ 4 position bucket that the full 7 × 7 grid uses at evaluation; the default 7 would be the whole image.
     "lomar": {"window_size": 5},
     "prmim": {},   # 3 × 3 aggregation window: fits the 7 × 7 grid
-    "pcae": {},    # teacher compression blocks are rescaled to the 8-block encoder by the method
+    "pcae": {},    # teacher compresses after blocks 1, 3, 5 of 8 (the authors' i·(depth//3) rule; 1, 3, 6 before issue 15)
     "ddae": {},    # supervised blocks are rescaled to the 8-block encoder by the method
 }
 # Ablation variants: NAME -> (registered method, options). Pass them in --methods like a method.
