@@ -15,6 +15,11 @@ from .encoder import pool_features
 from .run import atomic_write_text, check_output_file, dumps_strict
 
 
+def default_device() -> torch.device:
+    """The GPU when torch sees one, else the CPU (probe, reconstruct; pretrain and finetune: Lightning's 'auto')."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def pretrain(config: RunConfig | dict | str | Path = None, callbacks=(), **train_overrides: Any) -> dict[str, Any]:
     """Pretrain from a RunConfig, a dict or a YAML path; ``train_overrides`` set ``config.train`` fields."""
     from .engine import pretrain as run_pretraining
@@ -66,6 +71,7 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
         raise ConfigError(f"--k {k} is larger than the {len(subsets.train)} labelled training images: "
                           f"pass --k {min(20, len(subsets.train))} or less")
 
+    device = default_device()
     if baseline == "raw":
         feature_fn, name = raw_pixel_features, "raw pixels"
     else:
@@ -74,10 +80,11 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
             method, name = loaded.untrained_method(seed), "random encoder"
         else:
             name = f"{loaded.config.method} encoder"
-        encoder = method.encoder
+        encoder = method.encoder.to(device)
         feature_fn = lambda images: pool_features(encoder.forward_features(images), pool)  # noqa: E731
-    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported("cpu"))
+    use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device.type))
     result = run_probe(feature_fn, subsets.train, splits.test, splits.num_classes, batch_transform=splits.batch_transform,
+                       device=device,
                        autocast_dtype=torch.bfloat16 if use_bf16 else None, k=k, temperature=temperature,
                        linear_epochs=linear_epochs, seed=seed, batch_size=batch_size)
     subset = {"val_fraction": val_fraction, "split_seed": split_seed, "labels_per_class": labels_per_class,
@@ -137,7 +144,8 @@ def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str
     images = torch.stack([data.dataset[i] for i in indices])
     if data.batch_transform is not None:
         images = data.batch_transform(images)
-    panels = reconstruction_panels(loaded.method, images.float(), seed=seed)
+    device = default_device()
+    panels = reconstruction_panels(loaded.method.to(device), images.float().to(device), seed=seed)
     return save_reconstruction_grid(panels, data.mean, data.std, out)
 
 

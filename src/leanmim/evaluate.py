@@ -312,6 +312,8 @@ def probe(
     )
     tr_x, tr_y = extract_features(feature_fn, train_dataset, **common)
     te_x, te_y = extract_features(feature_fn, test_dataset, **common)
+    # kNN and the linear probe run where the features were computed (extract_features returns them on CPU)
+    tr_x, tr_y, te_x, te_y = (t.to(device) for t in (tr_x, tr_y, te_x, te_y))
     knn = knn_accuracy(tr_x, tr_y, te_x, te_y, num_classes, k=k, temperature=temperature)
     lin = linear_probe_accuracy(tr_x, tr_y, te_x, te_y, num_classes, epochs=linear_epochs, seed=seed)
     return ProbeResult(
