@@ -342,3 +342,44 @@ def test_eval_transform_and_denormalize():
     up = BatchEvalTransform(32, MEAN, STD)(x)
     assert up.shape == (2, 3, 32, 32) and torch.equal(up, BatchEvalTransform(32, MEAN, STD)(x))
     torch.testing.assert_close(denormalize(normalize(x), MEAN, STD), x.float() / 255)
+
+
+# ----------------------------------------------------------------------------- EXIF, whole images, DDP draws
+
+def test_exif_orientation_is_applied(tmp_path):
+    """A photo stored landscape with EXIF orientation 6 (turn 90 degrees clockwise to display) is read portrait,
+    as viewers show it; its header size and the whole-image store agree."""
+    stored = np.random.default_rng(5).integers(0, 256, (6, 10, 3), dtype=np.uint8)  # 6 rows x 10 columns
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "rotated.png", exif=exif)
+    image = load_image(str(tmp_path / "rotated.png"), 3)
+    assert torch.equal(image, torch.from_numpy(np.rot90(stored, k=-1).copy()).permute(2, 0, 1))  # (3, 10, 6)
+    assert D.common.displayed_size(str(tmp_path / "rotated.png")) == (10, 6)
+    pre = build_pretrain_data(str(tmp_path), img_size=7, in_chans=3)  # S = 8: shorter side 6 -> 8, longer 10 -> 13
+    assert pre.dataset[0][0].shape == (3, 13, 8) and pre.dataset[0][1].tolist() == [13, 8]
+
+
+def test_whole_image_crops_stay_inside_each_image():
+    """Two images of different shapes on one canvas: every crop lies inside its own image (never in the
+    padding), and an image that fills the canvas is cropped exactly as a plain batch would be."""
+    aug = BatchMIMAugment(8, (0.0,), (1.0,), scale=(0.2, 1.0), hflip=False)
+    sizes = torch.tensor([[20, 40], [30, 12]] * 64)
+    boxes = aug.sample_crops(128, sizes[:, 0], sizes[:, 1], torch.Generator().manual_seed(0))
+    top, left, h, w = boxes.unbind(1)
+    assert (top >= 0).all() and (left >= 0).all()
+    assert (top + h <= sizes[:, 0]).all() and (left + w <= sizes[:, 1]).all()
+    assert (w[0::2] > 20).any()  # the wide image is cropped beyond its central square
+    canvas = torch.randint(0, 256, (2, 1, 30, 40), dtype=torch.uint8)
+    full = torch.tensor([[30, 40], [30, 40]])
+    whole = aug([canvas, full], torch.Generator().manual_seed(1))
+    assert torch.equal(whole, aug(canvas, torch.Generator().manual_seed(1)))
+
+
+def test_augmentation_depends_on_the_global_position_only():
+    """2 processes x 4 images draw the crops and flips that 1 process x 8 images draws (issue 15 section 3)."""
+    x = torch.randint(0, 256, (8, 3, 20, 20), dtype=torch.uint8)
+    aug = BatchMIMAugment(16, MEAN, STD)
+    one = aug(x, torch.Generator().manual_seed(7))
+    two = [aug(x[4 * r:4 * r + 4], torch.Generator().manual_seed(7), rank=r, world_size=2) for r in (0, 1)]
+    assert torch.equal(torch.cat(two), one)

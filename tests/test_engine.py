@@ -105,10 +105,11 @@ def test_warmup_cosine_schedule():
 
 
 def test_ddp_two_processes_match_one_process(tiny_data, tmp_path):
-    """2 gloo processes × 16 images give the same losses and weights as 1 process × 32 images."""
+    """2 gloo processes × 16 images give the same losses and weights as 1 process × 32 images, with the default
+    augmentation on: each image's crop and flip follow its position in the global batch, as the masking does."""
     common = ["--data", str(tiny_data), "--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2",
               "--num-heads", "2", "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2",
-              "--no-augment", "--precision", "32", "--max-steps", "3", "--lr", "1e-3", "--no-progress-bar",
+              "--augment", "--precision", "32", "--max-steps", "3", "--lr", "1e-3", "--no-progress-bar",
               "--accelerator", "cpu", "--log-every-steps", "1"]
     leanmim = [sys.executable, "-m", "leanmim", "pretrain"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
