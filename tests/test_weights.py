@@ -227,3 +227,17 @@ def test_transformers_vit_model_directory_gives_its_forward(tmp_path):
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(encoder.forward_features(images), vit(pixel_values=images).last_hidden_state, atol=1e-5)
+
+
+def test_finetune_from_published_weights_without_a_run(tiny_data, tmp_path):
+    from leanmim.finetune import FinetuneConfig, finetune, load_finetuned
+
+    torch.save({"model": random_reference_state()}, tmp_path / "mae.pth")   # RGB, 16 px; the data is grayscale
+    settings = FinetuneConfig(init_from=str(tmp_path / "mae.pth"), data=str(tiny_data), epochs=1, batch_size=32,
+                              precision="32", progress_bar=False, out=str(tmp_path / "ft"))
+    results = finetune(None, settings)
+    assert results["epochs_completed"] == 1
+    classifier = load_finetuned(tmp_path / "ft").classifier
+    assert classifier.encoder.embed_dim == 32 and len(classifier.encoder.blocks) == 2
+    with pytest.raises(ConfigError, match="exactly one"):
+        finetune(str(tmp_path / "ft"), settings)
