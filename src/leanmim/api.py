@@ -12,7 +12,7 @@ import torch
 from .checkpoint import load_run
 from .config import ConfigError, ModelConfig, RunConfig
 from .encoder import pool_features
-from .run import atomic_write_text, check_output_file, dumps_strict
+from .run import atomic_write_text, check_output_directory, check_output_file, dumps_strict
 
 
 def default_device() -> torch.device:
@@ -157,7 +157,7 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
     ``config.json``); both carry timm's ``pretrained_cfg`` (input size, the training data's mean/std, pooling).
     ``hf``: a transformers directory (``ViTMAEForPreTraining`` with the decoder, else ``ViTModel``)."""
     from .finetune import export_finetuned, read_finetune_entry
-    from .weights import check_output_directory, export_encoder, export_hf, run_data_stats
+    from .weights import export_encoder, export_hf, run_data_stats
 
     if format not in ("timm", "hf"):
         raise ConfigError(f"unknown export format '{format}': use timm or hf")

@@ -228,6 +228,21 @@ def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", su
     return path
 
 
+def check_output_directory(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
+    """A directory a command is about to fill: refused when it is a file, lies in a run's ``checkpoints/``, or
+    exists non-empty without ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{flag} '{path}' is a file: pass a directory name (or a .safetensors file for timm)")
+    if CHECKPOINT_DIR in path.resolve().parts and is_leanmim_run(_run_dir_above(path.resolve())):
+        raise ConfigError(f"{flag} '{path}' lies inside a run's {CHECKPOINT_DIR}/ directory, which leanmim manages: "
+                          f"write it elsewhere")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ConfigError(f"{flag} '{path}' exists and is not empty: pass --overwrite to replace its files, or "
+                          f"choose another directory")
+    return path
+
+
 def _run_dir_above(directory: Path) -> Path:
     while directory.name != CHECKPOINT_DIR and directory != directory.parent:
         directory = directory.parent

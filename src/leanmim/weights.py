@@ -630,17 +630,6 @@ def run_from_weights(path: str | Path, data: str):
     return LoadedRun(config, method.eval(), Path(weights.source), 0, 0)
 
 
-def check_output_directory(path: str | Path, overwrite: bool, flag: str = "--out") -> Path:
-    """A directory an export is about to fill: refused when it is a file, or exists non-empty without ``overwrite``."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise ConfigError(f"{flag} '{path}' is a file: pass a directory name (or a .safetensors file for timm)")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ConfigError(f"{flag} '{path}' exists and is not empty: pass --overwrite to replace its files, or "
-                          f"choose another directory")
-    return path
-
-
 def run_data_stats(checkpoint_path: Path, config) -> tuple[list[float] | None, list[float] | None]:
     """Mean/std of the data a run was pretrained on: from its ``summary.json``, else known constants, else None."""
     summary = Path(checkpoint_path).parent.parent / "summary.json"
