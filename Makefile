@@ -26,7 +26,7 @@ demo: setup data
 	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens --linear-epochs 30
 	$(BIN)/leanmim probe $(DEMO_RUN) --pool tokens --linear-epochs 30 --baseline random
 	$(BIN)/leanmim probe $(DEMO_RUN) --baseline raw
-	$(BIN)/leanmim reconstruct $(DEMO_RUN) --out $(DEMO_RUN)/reconstruction.png
+	$(BIN)/leanmim reconstruct $(DEMO_RUN) --out $(DEMO_RUN)/reconstruction.png --overwrite
 	@echo "summary: $(DEMO_RUN)/summary.json  picture: $(DEMO_RUN)/reconstruction.png"
 
 test: setup data

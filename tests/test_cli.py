@@ -1,6 +1,7 @@
 """The command line: the contract other work relies on, and one-line errors for bad input."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,6 +85,10 @@ def test_export_loads_into_timm_with_same_features(capsys, trained_run, tmp_path
     out = tmp_path / "encoder.safetensors"
     code, _, err = run_cli(capsys, "export", trained_run, "--out", out)
     assert code == 0, err
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # a plain file's permissions (safetensors alone gives 0600)
+    assert not list(tmp_path.glob(".*tmp*"))
     loaded = load_run(trained_run)
     model = timm.create_model("vit_tiny_patch16_224", pretrained=True, num_classes=5, img_size=16, patch_size=4,
                               in_chans=1, embed_dim=32, depth=2, num_heads=2,

@@ -612,9 +612,14 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
                         "grid order")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file(state, str(tmp), metadata={key: str(value) for key, value in metadata.items()})
-    os.replace(tmp, out)
+    from .run import publish, temporary_path
+
+    tmp = temporary_path(out)
+    try:
+        save_file(state, str(tmp), metadata={key: str(value) for key, value in metadata.items()})
+        publish(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -754,6 +759,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")   # the EMA copy, by design
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         results = {**describe(module), "resumed_from": str(resume_from) if resume_from else None,
                    "global_step": trainer.global_step, "epochs_completed": trainer.current_epoch,

@@ -277,6 +277,15 @@ def atomic_write_text(path: Path, text: str) -> None:
         handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
+    publish(tmp, path)
+
+
+def publish(tmp: Path, path: Path) -> None:
+    """Rename a finished temporary file into place with the permissions a plain ``open`` would give it
+    (some writers, e.g. safetensors, create their files 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
 
 

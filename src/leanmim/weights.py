@@ -39,6 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import MODEL_PRESETS, TIMM_NAMES, ConfigError, ModelConfig
+from .run import atomic_write_text, publish, temporary_path
 from .decoder import MaskedDecoder
 from .encoder import ViTEncoder
 from .relpos import RelPosViTEncoder
@@ -507,12 +508,12 @@ def write_safetensors(state: dict[str, Tensor], out: Path, metadata: dict[str, A
     from safetensors.torch import save_file
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(out)
     try:
         save_file({key: value.contiguous() for key, value in state.items()}, str(tmp),
                   metadata={key: value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list))
                             else str(value) for key, value in metadata.items()})
-        os.replace(tmp, out)
+        publish(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
     return out
@@ -533,9 +534,7 @@ def write_timm(state: dict[str, Tensor], model: ModelConfig, out: str | Path, pr
     config = {"architecture": TIMM_NAMES[model.name], "num_classes": pretrained_cfg.get("num_classes", 0),
               "num_features": model.embed_dim, "global_pool": "avg", "model_args": args,
               "pretrained_cfg": pretrained_cfg}
-    tmp = out / f".config.json.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out / "config.json")
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     return out
 
 
@@ -588,11 +587,11 @@ def hf_vit_config(model: ModelConfig) -> dict[str, Any]:
 def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: dict[str, Any] | None = None) -> Path:
     """A transformers directory: ``ViTMAEForPreTraining`` when the method has an MAE pixel decoder, else ``ViTModel``
     (the encoder, no pooler). Built with transformers itself and written by ``save_pretrained``."""
-    transformers = require_transformers()
     encoder, decoder = method.encoder, getattr(method, "decoder", None)
     if not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"the {type(encoder).__name__} encoder (relative positions) has no transformers counterpart: "
                           f"use --format timm")
+    transformers = require_transformers()
     canonical = encoder_canonical(encoder)
     pixel_decoder = isinstance(decoder, MaskedDecoder) and decoder.head.out_features == model.patch_dim
     if pixel_decoder:
