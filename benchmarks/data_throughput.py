@@ -20,6 +20,7 @@ Override it with --gpu-rate for your hardware.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import os
@@ -72,6 +73,23 @@ def rate(batches, images: int) -> float:
     return seen / (time.perf_counter() - start)
 
 
+def decode_rates(files: list[str], images: int) -> dict[str, float]:
+    """Decode-only images/s on one thread: Pillow (what the loaders use) against torchvision's libjpeg-turbo decoder
+    (``torchvision.io.decode_jpeg``), the same files read from memory, so only the decoder differs."""
+    from torchvision.io import decode_jpeg
+
+    blobs = [bytearray(Path(name).read_bytes()) for name in files[:images]]
+    rates = {}
+    for name, decode in (("pillow", lambda blob: Image.open(io.BytesIO(blob)).convert("RGB").load()),
+                         ("torchvision.io.decode_jpeg", lambda blob: decode_jpeg(torch.frombuffer(blob, dtype=torch.uint8)))):
+        decode(blobs[0])
+        start = time.perf_counter()
+        for blob in blobs:
+            decode(blob)
+        rates[name] = round(len(blobs) / (time.perf_counter() - start), 1)
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=1024, help="images timed per configuration [1024]")
@@ -109,6 +127,9 @@ def main() -> None:
             print(f"{name:<7} {workers} worker(s): {row['images_per_second']:7.1f} img/s "
                   f"({row['per_worker']:.1f} per worker) -> {row['workers_for_one_gpu']} workers per GPU "
                   f"at {args.gpu_rate:.0f} img/s")
+    results["decode_only_one_thread"] = decode_rates(files, args.images)
+    print("decode only, one thread: " + ", ".join(f"{name} {value:.1f} img/s"
+                                                  for name, value in results["decode_only_one_thread"].items()))
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2))
 

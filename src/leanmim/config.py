@@ -18,6 +18,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,6 @@ class ModelConfig:
         model = ModelConfig(**values)
         model.validate()
         if model.decoder_depth * model.decoder_embed_dim ** 2 > model.depth * model.embed_dim ** 2:
-            import warnings
             warnings.warn(f"the decoder ({model.decoder_embed_dim} wide, {model.decoder_depth} blocks) costs more per "
                           f"token than the encoder ({model.embed_dim} wide, {model.depth} blocks); MAE's ViT-B decoder "
                           f"costs 0.3x its encoder per token: consider a smaller --decoder-embed-dim/--decoder-depth "
@@ -184,7 +184,7 @@ class TrainConfig:
     accelerator: str = option("auto", "cpu, gpu or auto")
     devices: str = option("1", "devices per node (a number, or 'auto')")
     num_nodes: int = option(1, "nodes (start with torchrun or SLURM)")
-    strategy: str = option("auto", "auto, ddp or fsdp", choices=("auto", "ddp", "fsdp"))
+    strategy: str = option("auto", "auto, ddp or fsdp (fsdp untested, see README)", choices=("auto", "ddp", "fsdp"))
     seed: int = option(0, "seed for weights, data order, augmentation and masking")
     compile: bool = option(False, "torch.compile the method")
     checkpoint_every_epochs: int = option(1, "write a periodic checkpoint every N epochs (0: only last)")
@@ -242,6 +242,9 @@ class TrainConfig:
                                   f"got {getattr(self, name)}")
         if self.keep_checkpoints < -1:
             raise ConfigError(f"keep_checkpoints must be -1 (keep all), 0 or more, got {self.keep_checkpoints}")
+        if self.strategy == "fsdp":
+            warnings.warn("--strategy fsdp is passed to Lightning untested: sharded parameters with the EMA teachers "
+                          "(pcae, ddae) and leanmim's checkpoints are not verified; --strategy ddp is tested")
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
