@@ -230,10 +230,7 @@ def cost(method: str = "mae", model: str = "vit_base_patch16", img_size: int = 2
 
 
 def methods() -> dict[str, dict[str, Any]]:
-    """Registered methods: summary and options with defaults and meanings."""
-    from .methods import METHODS
+    """Registered methods (including any registered at run time): summary and options with defaults and meanings."""
+    from .catalogue import from_registry, listing
 
-    return {name: {"summary": cls.summary,
-                   "options": {f.name: {"default": f.default, "help": f.metadata.get("help", "")}
-                               for f in dataclasses.fields(cls.Options)}}
-            for name, cls in sorted(METHODS.items())}
+    return listing(from_registry())

@@ -12,7 +12,8 @@ import os
 import sys
 from typing import Any, Sequence
 
-from . import __version__
+from . import __version__, catalogue
+from .catalogue import OptionSpec
 from .config import SECTIONS, ConfigError, RunConfig, field_type
 
 
@@ -31,7 +32,7 @@ def cli_name(field: dataclasses.Field) -> str:
     return field.metadata.get("cli") or field.name
 
 
-def add_field_flag(group, field: dataclasses.Field, dest: str, default_text: str | None = None) -> None:
+def add_field_flag(group, field: dataclasses.Field | OptionSpec, dest: str, default_text: str | None = None) -> None:
     kind = field_type(field.type)
     flag = "--" + cli_name(field).replace("_", "-")
     help_text = f"{field.metadata.get('help', '')} [{default_text or f'default: {field.default}'}]"
@@ -43,12 +44,12 @@ def add_field_flag(group, field: dataclasses.Field, dest: str, default_text: str
                            help=help_text)
 
 
-def method_option_defaults(methods: dict[str, type]) -> dict[str, tuple[dataclasses.Field, dict[str, Any]]]:
-    """Option name -> (its field in the first method that has it, {method: its default there})."""
-    options: dict[str, tuple[dataclasses.Field, dict[str, Any]]] = {}
-    for name in sorted(methods):
-        for field in dataclasses.fields(methods[name].Options):
-            options.setdefault(field.name, (field, {}))[1][name] = field.default
+def method_option_defaults() -> dict[str, tuple[OptionSpec, dict[str, Any]]]:
+    """Option name -> (the option in the first method that has it, {method: its default there})."""
+    options: dict[str, tuple[OptionSpec, dict[str, Any]]] = {}
+    for name in catalogue.method_names():
+        for option in catalogue.method_options(name):
+            options.setdefault(option.name, (option, {}))[1][name] = option.default
     return options
 
 
@@ -62,32 +63,32 @@ def option_default_text(defaults: dict[str, Any], all_methods: list[str]) -> str
 
 
 def add_pretrain_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per config field (model/data/train sections) and per option of every registered method."""
-    from .methods import METHODS
-
+    """One flag per config field (model/data/train sections) and per option of every registered method
+    (from the catalogue: no torch import for ``--help``)."""
+    methods = catalogue.method_names()
     parser.add_argument("--config", help="YAML written by a previous run (or by hand); flags override it")
-    parser.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(sorted(METHODS))} [default: mae]")
+    parser.add_argument("--method", default=argparse.SUPPRESS, help=f"one of {', '.join(methods)} [default: mae]")
     for section, cls in SECTIONS.items():
         group = parser.add_argument_group(section)
         for field in dataclasses.fields(cls):
             add_field_flag(group, field, f"{section}.{field.name}")
     group = parser.add_argument_group("method options (the methods that take each one, with their defaults; "
                                       "see 'leanmim methods')")
-    for name, (field, defaults) in method_option_defaults(METHODS).items():
-        add_field_flag(group, field, f"options.{name}", option_default_text(defaults, list(METHODS)))
+    for name, (option, defaults) in method_option_defaults().items():
+        add_field_flag(group, option, f"options.{name}", option_default_text(defaults, methods))
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """The YAML (if any) with the command-line flags applied on top."""
-    from .methods import method_class
-
     values = RunConfig.load_yaml(args.config).to_dict() if args.config else RunConfig().to_dict()
     given = {key: value for key, value in vars(args).items() if "." in key}
     if hasattr(args, "method"):
         if args.method != values["method"]:
             values["options"] = {}  # options of another method do not carry over
         values["method"] = args.method
-    method_options = {f.name for f in dataclasses.fields(method_class(values["method"]).Options)}
+    if values["method"] not in catalogue.method_names():
+        raise ConfigError(f"unknown method '{values['method']}': choose one of {', '.join(catalogue.method_names())}")
+    method_options = {option.name for option in catalogue.method_options(values["method"])}
     for key, value in given.items():
         section, name = key.split(".", 1)
         if section == "options" and name not in method_options:
@@ -175,8 +176,7 @@ def command_cost(args) -> int:
 
 
 def command_methods(args) -> int:
-    from . import api
-    listing = api.methods()
+    listing = catalogue.listing()
     if args.json:
         print(json.dumps(listing, default=str))
         return 0
