@@ -7,10 +7,39 @@ same MACs.
 """
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from leanmim.methods.mae import MAE
+
+
+def reference_random_masking(x, noise, mask_ratio):
+    """The reference's masking: keep the ``int(L·(1 - ratio))`` patches with the lowest noise.
+    (N, L, D) tokens, (N, L) noise -> kept (N, keep, D), mask (N, L) with 1 = hidden, ids_restore (N, L)."""
+    n, length, dim = x.shape
+    len_keep = int(length * (1 - mask_ratio))
+    ids_shuffle = torch.argsort(noise, dim=1)
+    ids_restore = torch.argsort(ids_shuffle, dim=1)
+    x = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).repeat(1, 1, dim))
+    mask = torch.ones(n, length)
+    mask[:, :len_keep] = 0
+    return x, torch.gather(mask, 1, ids_restore), ids_restore
+
+
+def assert_same_as_hf_vitmae(method, hf, seed, num_images=3):
+    """leanmim's MAE and a transformers ViTMAEForPreTraining given the same images and noise: same mask,
+    predictions and loss."""
+    from leanmim.tokens import BatchRandom
+
+    channels, size = method.encoder.patch_embed.proj.in_channels, hf.config.image_size
+    images = torch.randn(num_images, channels, size, size)
+    ours = method(images, rng=BatchRandom(seed=seed))
+    with torch.no_grad():
+        theirs = hf(pixel_values=images, noise=BatchRandom(seed=seed).rand(num_images, ours.mask.shape[1]))
+    assert torch.equal(ours.mask, theirs.mask)
+    assert torch.allclose(ours.predictions, theirs.logits, atol=1e-5)
+    assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-5)
 
 
 def reference_1d_sincos(embed_dim, pos):
@@ -51,14 +80,8 @@ class ReferenceMAE(nn.Module):
 
     def forward(self, imgs, noise):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:, :]
-        n, length, dim = x.shape
-        len_keep = int(length * (1 - self.mask_ratio))
-        ids_shuffle = torch.argsort(noise, dim=1)
-        ids_restore = torch.argsort(ids_shuffle, dim=1)
-        x = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).repeat(1, 1, dim))
-        mask = torch.ones(n, length)
-        mask[:, :len_keep] = 0
-        mask = torch.gather(mask, 1, ids_restore)
+        n = x.shape[0]
+        x, mask, ids_restore = reference_random_masking(x, noise, self.mask_ratio)
         cls = (self.cls_token + self.pos_embed[:, :1, :]).expand(n, -1, -1)
         x = torch.cat((cls, x), dim=1)
         for block in self.blocks:
@@ -109,14 +132,8 @@ def reference_mae_forward(state, imgs, noise, patch_size, heads, decoder_heads, 
 
     x = F.conv2d(imgs, state["patch_embed.proj.weight"], state["patch_embed.proj.bias"], stride=patch_size)
     x = x.flatten(2).transpose(1, 2) + state["pos_embed"][:, 1:, :]
-    n, length, dim = x.shape
-    len_keep = int(length * (1 - mask_ratio))
-    ids_shuffle = torch.argsort(noise, dim=1)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    x = torch.gather(x, 1, ids_shuffle[:, :len_keep].unsqueeze(-1).repeat(1, 1, dim))
-    mask = torch.ones(n, length)
-    mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)
+    n = x.shape[0]
+    x, mask, ids_restore = reference_random_masking(x, noise, mask_ratio)
     x = torch.cat([(state["cls_token"] + state["pos_embed"][:, :1, :]).expand(n, -1, -1), x], dim=1)
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     for i in range(depth):

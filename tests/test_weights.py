@@ -13,7 +13,7 @@ from leanmim.encoder import ViTEncoder
 from leanmim.methods import build_method
 from leanmim.tokens import BatchRandom
 from leanmim.weights import init_method_from, load_encoder, model_from_weights, read_weights
-from reference_mae import random_reference_state, reference_mae_forward
+from reference_mae import assert_same_as_hf_vitmae, random_reference_state, reference_mae_forward
 
 
 def tiny_timm_vit(img_size=16, **kwargs):
@@ -207,13 +207,7 @@ def test_transformers_vitmae_directory_gives_its_forward(tmp_path):
     assert weights.layout == "transformers" and weights.config["num_heads"] == 2
     mae = build_method("mae", tiny_model(in_chans=3).resolved(), {"mask_ratio": 0.75})
     init_method_from(mae, weights)
-    images = torch.randn(3, 3, 16, 16)
-    ours = mae(images, rng=BatchRandom(seed=5))
-    with torch.no_grad():
-        theirs = hf(pixel_values=images, noise=BatchRandom(seed=5).rand(3, 16))
-    assert torch.equal(ours.mask, theirs.mask)
-    assert torch.allclose(ours.predictions, theirs.logits, atol=1e-5)
-    assert ours.loss.item() == pytest.approx(theirs.loss.item(), rel=1e-5)
+    assert_same_as_hf_vitmae(mae, hf, seed=5)
 
 
 def test_transformers_vit_model_directory_gives_its_forward(tmp_path):
