@@ -12,9 +12,9 @@ def test_stored_catalogue_is_current():
     assert catalogue.listing() == api.methods()
 
 
-def test_methods_listing_and_pretrain_help_do_not_import_torch():
+def test_methods_listing_and_help_do_not_import_torch():
     code = ("import sys; from leanmim.cli import main\n"
-            "for argv in (['methods'], ['methods', '--json'], ['pretrain', '--help'], ['--help']):\n"
+            "for argv in (['methods'], ['methods', '--json'], ['pretrain', '--help'], ['finetune', '--help'], ['--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
             "sys.stderr.write(' '.join(m for m in ('torch', 'lightning', 'timm') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
@@ -22,3 +22,4 @@ def test_methods_listing_and_pretrain_help_do_not_import_torch():
     assert done.stderr == "", f"imported {done.stderr}"
     assert "prmim: partial reconstruction" in done.stdout
     assert "--dynamic-weighting" in done.stdout and "ddae True" in done.stdout
+    assert "--label-fraction" in done.stdout and "--ema-decay" in done.stdout   # finetune's flags, torch-free

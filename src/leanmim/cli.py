@@ -330,7 +330,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                                     "(MAE protocol; resumes a fine-tuning found in --out)")
     finetune.add_argument("run", nargs="?", help="pretraining run directory or checkpoint (or pass --init-from)")
     if wanted("finetune"):
-        from .finetune import FinetuneConfig
+        from .config import FinetuneConfig
         group = finetune.add_argument_group("fine-tuning")
         for field in dataclasses.fields(FinetuneConfig):
             add_field_flag(group, field, f"finetune.{field.name}")
