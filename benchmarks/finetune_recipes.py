@@ -37,6 +37,22 @@ def log(message: str) -> None:
     print(f"[finetune_recipes {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def parse_config(text: str) -> tuple[str, str]:
+    """``"NAME: OPTIONS"`` -> (NAME, OPTIONS); NAME becomes a folder and a file name under --work."""
+    name, colon, options = text.partition(":")
+    name = name.strip()
+    if not colon or not name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME: OPTIONS (e.g. \"tokens: --pool tokens\")")
+    if not all(char.isalnum() or char in "._-" for char in name) or name.startswith("."):
+        raise argparse.ArgumentTypeError(f"configuration name {name!r} must be letters, digits, '.', '_' or '-' "
+                                         "(it names a folder and a file under --work)")
+    try:
+        shlex.split(options)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"options of {name!r} cannot be split like a shell line: {error}") from None
+    return name, options.strip()
+
+
 def run_config(args: argparse.Namespace, name: str, options: str) -> dict:
     path = args.work / f"{name}.json"
     if path.exists():
@@ -93,18 +109,20 @@ def table(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, default=Path("runs/demo-mae"), help="pretraining run to fine-tune")
-    parser.add_argument("--config", action="append", default=[], metavar="NAME: OPTIONS",
+    parser.add_argument("--config", action="append", default=[], metavar="NAME: OPTIONS", type=parse_config,
                         help="a configuration: its name, a colon, its leanmim finetune options (repeatable)")
     parser.add_argument("--work", type=Path, default=Path("runs/finetune_recipes"))
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--shared", action="store_true", help="record that another job shares the machine")
     parser.add_argument("--table", action="store_true", help="only collect the results into the table")
     args = parser.parse_args()
+    names = [name for name, _ in args.config]
+    if len(set(names)) != len(names):
+        parser.error(f"configuration names must differ (each names its own folder): {names}")
     args.work.mkdir(parents=True, exist_ok=True)
     if not args.table:
-        for config in args.config:
-            name, _, options = config.partition(":")
-            run_config(args, name.strip(), options.strip())
+        for name, options in args.config:
+            run_config(args, name, options)
     table(args)
 
 

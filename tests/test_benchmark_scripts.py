@@ -1,0 +1,26 @@
+"""The benchmark scripts' own arguments: a malformed one is a one-line usage error, and nothing is run or written."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "finetune_recipes.py"
+
+
+@pytest.mark.parametrize("configs, message", [
+    (["noColon"], "is not NAME: OPTIONS"),
+    ([": --pool tokens"], "is not NAME: OPTIONS"),
+    (["../escape: --pool tokens"], "must be letters, digits"),
+    (["a: --pool 'tokens"], "cannot be split like a shell line"),
+    (["a: --pool tokens", "a: --pool mean"], "configuration names must differ"),
+])
+def test_finetune_recipes_rejects_malformed_configs(tmp_path, configs, message):
+    work = tmp_path / "work"
+    arguments = [argument for config in configs for argument in ("--config", config)]
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--results", str(tmp_path / "r"),
+                                *arguments], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2
+    assert message in completed.stderr and "Traceback" not in completed.stderr
+    assert not work.exists() and not (tmp_path / "r").exists()    # nothing was fine-tuned or tabulated
