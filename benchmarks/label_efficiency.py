@@ -20,7 +20,9 @@ times per run), so the comparison is at equal training compute, not equal epochs
 
 Each result is cached as JSON under ``--work`` (its name carries a hash of the settings that define it), and
 each fine-tune resumes from its own output directory: an interrupted benchmark, started again with the same
-arguments, redoes nothing that finished. Outputs in ``--results``: ``label_efficiency.json`` (every figure per
+arguments, redoes nothing that finished. A cached figure of an arm that starts from pretrained weights is
+reused only if it started from the same checkpoint and step as now (a run pretrained again is measured again),
+and a pretraining that stopped early is refused (``--allow-unfinished`` to measure it anyway). Outputs in ``--results``: ``label_efficiency.json`` (every figure per
 seed), ``label_efficiency.md`` (mean ± sample std over seeds) and ``label_efficiency.png`` (test top-1 against
 the number of labelled training images, log x).
 
@@ -44,6 +46,7 @@ from typing import Any
 
 from leanmim import api
 from leanmim.checkpoint import load_run
+from leanmim.config import ConfigError
 from leanmim.finetune import labelled_data
 
 FINETUNE_ARMS = {"MAE fine-tune": "mae", "PR-MIM fine-tune": "prmim", "supervised from scratch": "mae"}
@@ -85,9 +88,49 @@ def schedule(num_train: int, args) -> dict[str, int]:
     return {"batch_size": batch, "epochs": epochs, "val_every_epochs": max(1, epochs // args.validations)}
 
 
+def uses_pretrained_weights(arm: str) -> bool:
+    return arm in ("MAE fine-tune", "PR-MIM fine-tune") or PROBE_ARMS.get(arm, (None, "raw"))[1] is None
+
+
+def check_encoders(arms: list[str], runs: dict[str, Path], allow_unfinished: bool) -> dict[str, dict[str, Any]]:
+    """The checkpoint and step of every encoder an arm starts from; a pretraining that stopped early is refused
+    (one line) unless ``allow_unfinished``: its figures would be read as the method's."""
+    encoders = {}
+    for method in sorted({(FINETUNE_ARMS.get(arm) or PROBE_ARMS[arm][0]) for arm in arms if uses_pretrained_weights(arm)}):
+        loaded = load_run(runs[method])
+        if loaded.unfinished and not allow_unfinished:
+            raise SystemExit(f"{runs[method]}: its pretraining stopped at {loaded.unfinished}; finish it (run its "
+                             f"`leanmim pretrain` command again) or pass --allow-unfinished to measure it as it is")
+        encoders[method] = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
+                            "finished": loaded.unfinished is None}
+    return encoders
+
+
+def cached_encoder(entry: dict[str, Any], out: Path) -> dict[str, Any] | None:
+    """The encoder a cached entry started from: recorded in the entry, or (older entries) read from the identity of
+    the fine-tune's own run.json."""
+    if "encoder" in entry:
+        return entry["encoder"]
+    record = read_json(out / "run.json")
+    identity = (record or {}).get("identity", {})
+    if "source.global_step" not in identity:
+        return None
+    return {"run": identity.get("source.path"), "global_step": identity["source.global_step"]}
+
+
+def same_encoder(cached: dict[str, Any] | None, current: dict[str, Any], run: Path) -> bool:
+    if cached is None:
+        return False
+    if "checkpoint" in cached:
+        return cached["checkpoint"] == current["checkpoint"] and cached["global_step"] == current["global_step"]
+    return cached["run"] == str(run.resolve()) and cached["global_step"] == current["global_step"]
+
+
 def run_arm(arm: str, fraction: float, seed: int, runs: dict[str, Path], data: str, num_train: int,
-            args) -> dict[str, Any]:
-    """One arm at one (fraction, seed), cached under ``args.work``."""
+            args, encoders: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """One arm at one (fraction, seed), cached under ``args.work``; a cached figure of an arm that starts from
+    pretrained weights counts only if it started from the same checkpoint and step as now (a run pretrained
+    again at the same path makes it stale)."""
     subset = {"label_fraction": None if fraction >= 1 else fraction, "val_fraction": args.val_fraction,
               "split_seed": seed}
     if arm in FINETUNE_ARMS:
@@ -104,9 +147,17 @@ def run_arm(arm: str, fraction: float, seed: int, runs: dict[str, Path], data: s
     name = f"{arm.replace(' ', '_').replace('-', '').lower()}-f{fraction:g}-s{seed}-{settings_hash(key)}"
     path = args.work / f"{name}.json"
     cached = read_json(path)
-    if cached is not None:
+    encoder = encoders.get(FINETUNE_ARMS.get(arm) or PROBE_ARMS[arm][0]) if uses_pretrained_weights(arm) else None
+    if cached is not None and (encoder is None or same_encoder(cached_encoder(cached, args.work / name), encoder, run)):
         log(f"{arm}, {fraction:g} of the labels, seed {seed}: done before ({path})")
         return cached
+    if cached is not None:   # the run was pretrained again: its old figures and fine-tune directory are stale
+        stale = f"{name}.stale-{time.strftime('%Y%m%d-%H%M%S')}"
+        log(f"{arm}, {fraction:g} of the labels, seed {seed}: cached figures are of another encoder; moved to "
+            f"{args.work / stale}")
+        path.rename(args.work / f"{stale}.json")
+        if (args.work / name).exists():
+            (args.work / name).rename(args.work / stale)
     log(f"{arm}, {fraction:g} of the labels ({num_train} images), seed {seed}")
     started = time.perf_counter()
     if arm in FINETUNE_ARMS:
@@ -119,6 +170,7 @@ def run_arm(arm: str, fraction: float, seed: int, runs: dict[str, Path], data: s
         result = api.probe(run, data=data, **settings)
         figures = {key: result[key] for key in ("knn_top1", "linear_top1", "num_train", "feature_dim")}
     entry = {"arm": arm, "fraction": fraction, "seed": seed, **figures, "settings": key,
+             **({"encoder": encoder} if encoder else {}),
              "seconds_on_a_possibly_shared_machine": round(time.perf_counter() - started, 1)}
     if entry["num_train"] != num_train:
         raise RuntimeError(f"{arm}: trained on {entry['num_train']} images, expected {num_train}")
@@ -214,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-pool", default="tokens", help="probe features [tokens]")
     parser.add_argument("--linear-epochs", type=int, default=30, help="linear probe epochs [30]")
     parser.add_argument("--arms", help=f"comma-separated subset of: {', '.join([*FINETUNE_ARMS, *PROBE_ARMS])}")
+    parser.add_argument("--allow-unfinished", action="store_true",
+                        help="measure a pretrained run whose pretraining stopped early (refused otherwise)")
     parser.add_argument("--work", type=Path, default=Path("runs/label_efficiency"), help="cache [runs/label_efficiency]")
     parser.add_argument("--results", type=Path, default=Path("benchmarks/results"), help="outputs [benchmarks/results]")
     args = parser.parse_args(argv)
@@ -227,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
 
     runs = {"mae": args.mae_run, "prmim": args.prmim_run}
     reference = load_run(args.mae_run).config
+    encoders = check_encoders(arms, runs, args.allow_unfinished)
     data = args.data or reference.data.path
     if args.subset:
         from quality import write_subset   # benchmarks/quality.py, beside this script
@@ -239,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             _, subsets = labelled_data(data, reference.model.img_size, reference.model.in_chans, args.val_fraction, seed,
                                        None, None if fraction >= 1 else fraction)
             for arm in arms:
-                entries.append(run_arm(arm, fraction, seed, runs, data, len(subsets.train), args))
+                entries.append(run_arm(arm, fraction, seed, runs, data, len(subsets.train), args, encoders))
 
     summary = summarise(entries)
     machine = f"{platform.machine()}, {platform.processor() or 'CPU'}"
@@ -254,4 +309,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except ConfigError as error:   # a run that is not there or not a pretraining: one line, as the CLI says it
+        sys.exit(f"label_efficiency.py: error: {error}")

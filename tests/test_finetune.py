@@ -354,3 +354,32 @@ def test_cli_finetune_and_one_line_errors(pretrained, finetuned, tmp_path, capsy
         assert main(args) == 2
         err = capsys.readouterr().err
         assert err.startswith("leanmim: error: ") and fragment in err and err.count("\n") == 1, err
+
+
+def test_a_stopped_pretraining_is_flagged_by_probe_and_finetune(pretrained, tiny_data, tmp_path, recwarn):
+    """A pretraining stopped early is still usable, but never silently: probe and fine-tune warn and record it."""
+    finished = load_run(pretrained)
+    checkpoint = torch.load(finished.checkpoint_path, map_location="cpu", weights_only=True)
+    assert checkpoint["leanmim"]["total_steps"] == finished.global_step == 2 * 4    # 2 epochs of 128 // 32 batches
+    assert finished.unfinished is None
+    assert api.probe(pretrained, k=5, linear_epochs=1)["pretraining_finished"] is True
+
+    stopped = tmp_path / "stopped"
+    pretrain(tiny_run_config(tiny_data, stopped, epochs=2), callbacks=[StopAfterEpoch(1)])
+    assert load_run(stopped).unfinished == "step 4 of its 8-step schedule"
+    # a checkpoint from before total_steps was recorded: judged by the epochs Lightning's loop state ran
+    legacy = torch.load(stopped / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    del legacy["leanmim"]["total_steps"]
+    torch.save(legacy, tmp_path / "legacy.ckpt")
+    assert load_run(tmp_path / "legacy.ckpt").unfinished == "epoch 1 of 2 (step 4)"
+
+    recwarn.clear()
+    with pytest.warns(UserWarning, match=r"the probe uses .*a pretraining that stopped at step 4 of its 8-step"):
+        assert api.probe(stopped, k=5, linear_epochs=1)["pretraining_finished"] is False
+    with pytest.warns(UserWarning, match=r"the fine-tune uses .*stopped at step 4"):
+        result = api.finetune(stopped, out=str(tmp_path / "ft"), epochs=1, **FAST)
+    assert result["source_pretraining_finished"] is False and result["source_global_step"] == 4
+    recwarn.clear()
+    scratch = api.finetune(stopped, out=str(tmp_path / "scratch"), epochs=1, from_scratch=True, **FAST)
+    assert not [w for w in recwarn if "stopped at" in str(w.message)]            # no pretrained weights used
+    assert scratch["source_global_step"] == 4

@@ -80,6 +80,7 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
             method, name = loaded.untrained_method(seed), "random encoder"
         else:
             name = f"{loaded.config.method} encoder"
+            loaded.warn_if_unfinished("the probe")
         encoder = method.encoder.to(device)
         feature_fn = lambda images: pool_features(encoder.forward_features(images), pool)  # noqa: E731
     use_bf16 = precision == "bf16" or (precision == "auto" and bf16_supported(device.type))
@@ -93,6 +94,8 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
     if loaded is not None:
         report["checkpoint"] = str(loaded.checkpoint_path)
         report["global_step"] = loaded.global_step
+        if baseline is None:
+            report["pretraining_finished"] = loaded.unfinished is None
         run_dir = loaded.checkpoint_path.parent.parent
         if (run_dir / "config.yaml").is_file():
             # one file per probed checkpoint and setting: probes of other steps or settings never overwrite it

@@ -113,6 +113,13 @@ class LoadedRun:
     checkpoint_path: Path
     global_step: int
     epoch: int
+    unfinished: str | None = None   # None: the pretraining ran its whole schedule (or says nothing); else how far it got
+
+    def warn_if_unfinished(self, what: str) -> None:
+        """One warning when ``what`` (a probe, a fine-tune) is about to use an encoder whose pretraining stopped early."""
+        if self.unfinished:
+            warnings.warn(f"{what} uses '{self.checkpoint_path}', a pretraining that stopped at {self.unfinished}: its "
+                          f"encoder is used as it is; run the same `leanmim pretrain` command again to finish it first")
 
     def untrained_method(self, seed: int) -> MIMMethod:
         """The run's method and architecture, freshly initialised from ``seed`` (as before pretraining), eval mode."""
@@ -146,4 +153,22 @@ def load_run(path: str | Path, expect_method: str | None = None, expect_model: s
                           f"{', '.join(list(missing)[:2] + list(unexpected)[:2])}): it was written by another version "
                           f"or edited")
     method.eval()
-    return LoadedRun(config, method, checkpoint_path, int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)))
+    return LoadedRun(config, method, checkpoint_path, int(checkpoint.get("global_step", 0)), int(checkpoint.get("epoch", 0)),
+                     unfinished_pretraining(checkpoint, config))
+
+
+def unfinished_pretraining(checkpoint: dict, config: RunConfig) -> str | None:
+    """None when ``checkpoint`` ends its pretraining schedule (or does not say); else how far it got, e.g.
+    ``"step 17 of its 1638-step schedule"``. Checkpoints record their schedule's length (``total_steps``); older
+    ones are judged by the epochs Lightning's loop state says were run."""
+    step = checkpoint.get("global_step", 0)
+    total = checkpoint["leanmim"].get("total_steps")
+    if not isinstance(total, int) and config.train.max_steps > 0:
+        total = config.train.max_steps
+    if isinstance(total, int) and isinstance(step, int):
+        return None if step >= total else f"step {step} of its {total}-step schedule"
+    try:
+        epochs_run = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["total"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    return None if epochs_run >= config.train.epochs else f"epoch {epochs_run} of {config.train.epochs} (step {step})"

@@ -209,7 +209,8 @@ class PretrainModule(L.LightningModule):
         return train.base_lr * train.batch_size * train.accumulate_grad_batches * world / 256
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict()}
+        # total_steps: the schedule's length, so that a probe or fine-tune can tell a finished pretraining from a stopped one
+        checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict(), "total_steps": self.total_steps}
         checkpoint["leanmim_rng"] = {"torch": torch.get_rng_state()}  # drop path / dropout draws continue exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -598,6 +598,8 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
         if read_finetune_entry(source) is not None:
             raise ConfigError(f"'{source}' is a fine-tuning result: pass the pretraining run directory or checkpoint")
         loaded = load_run(source)
+        if not settings.from_scratch:
+            loaded.warn_if_unfinished("the fine-tune")
     model = loaded.config.model
     out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)
     data = settings.data or loaded.config.data.path
@@ -641,7 +643,8 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     module.total_steps = settings.epochs * max(1, module.batches_per_epoch)
 
     def describe(current: FinetuneModule) -> dict[str, Any]:
-        return {"source": str(loaded.checkpoint_path), "method": loaded.config.method, "model": model.name,
+        return {"source": str(loaded.checkpoint_path), "source_global_step": loaded.global_step,
+                "source_pretraining_finished": loaded.unfinished is None, "method": loaded.config.method, "model": model.name,
                 "data": data, "out": str(out), "num_classes": splits.num_classes, "pool": settings.pool,
                 "token_drop": settings.token_drop, **current.data_description,
                 "data_stats": {"mean": list(splits.mean), "std": list(splits.std)},
