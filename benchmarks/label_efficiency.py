@@ -88,15 +88,20 @@ def schedule(num_train: int, args) -> dict[str, int]:
     return {"batch_size": batch, "epochs": epochs, "val_every_epochs": max(1, epochs // args.validations)}
 
 
-def uses_pretrained_weights(arm: str) -> bool:
-    return arm in ("MAE fine-tune", "PR-MIM fine-tune") or PROBE_ARMS.get(arm, (None, "raw"))[1] is None
+def pretrained_method(arm: str) -> str | None:
+    """The method whose pretrained weights ``arm`` starts from; None for arms that use none (from scratch, raw
+    pixels, random encoder)."""
+    if arm in FINETUNE_ARMS:
+        return None if arm == "supervised from scratch" else FINETUNE_ARMS[arm]
+    method, baseline = PROBE_ARMS[arm]
+    return method if baseline is None else None
 
 
 def check_encoders(arms: list[str], runs: dict[str, Path], allow_unfinished: bool) -> dict[str, dict[str, Any]]:
-    """The checkpoint and step of every encoder an arm starts from; a pretraining that stopped early is refused
+    """The run and step of every encoder an arm starts from; a pretraining that stopped early is refused
     (one line) unless ``allow_unfinished``: its figures would be read as the method's."""
     encoders = {}
-    for method in sorted({(FINETUNE_ARMS.get(arm) or PROBE_ARMS[arm][0]) for arm in arms if uses_pretrained_weights(arm)}):
+    for method in sorted({pretrained_method(arm) for arm in arms} - {None}):
         loaded = load_run(runs[method])
         if loaded.unfinished and not allow_unfinished:
             raise SystemExit(f"{runs[method]}: its pretraining stopped at {loaded.unfinished}; finish it (run its "
@@ -106,24 +111,21 @@ def check_encoders(arms: list[str], runs: dict[str, Path], allow_unfinished: boo
     return encoders
 
 
-def cached_encoder(entry: dict[str, Any], out: Path) -> dict[str, Any] | None:
+def encoder_key(encoder: dict[str, Any]) -> tuple[str, int]:
+    """(run directory, step): what a fine-tune's own identity says it started from (``source.path``,
+    ``source.global_step``)."""
+    return str(Path(encoder["checkpoint"]).parent.parent), encoder["global_step"]
+
+
+def cached_encoder_key(entry: dict[str, Any], out: Path) -> tuple[str, int] | None:
     """The encoder a cached entry started from: recorded in the entry, or (older entries) read from the identity of
     the fine-tune's own run.json."""
     if "encoder" in entry:
-        return entry["encoder"]
-    record = read_json(out / "run.json")
-    identity = (record or {}).get("identity", {})
+        return encoder_key(entry["encoder"])
+    identity = (read_json(out / "run.json") or {}).get("identity", {})
     if "source.global_step" not in identity:
         return None
-    return {"run": identity.get("source.path"), "global_step": identity["source.global_step"]}
-
-
-def same_encoder(cached: dict[str, Any] | None, current: dict[str, Any], run: Path) -> bool:
-    if cached is None:
-        return False
-    if "checkpoint" in cached:
-        return cached["checkpoint"] == current["checkpoint"] and cached["global_step"] == current["global_step"]
-    return cached["run"] == str(run.resolve()) and cached["global_step"] == current["global_step"]
+    return identity.get("source.path"), identity["source.global_step"]
 
 
 def run_arm(arm: str, fraction: float, seed: int, runs: dict[str, Path], data: str, num_train: int,
@@ -147,8 +149,8 @@ def run_arm(arm: str, fraction: float, seed: int, runs: dict[str, Path], data: s
     name = f"{arm.replace(' ', '_').replace('-', '').lower()}-f{fraction:g}-s{seed}-{settings_hash(key)}"
     path = args.work / f"{name}.json"
     cached = read_json(path)
-    encoder = encoders.get(FINETUNE_ARMS.get(arm) or PROBE_ARMS[arm][0]) if uses_pretrained_weights(arm) else None
-    if cached is not None and (encoder is None or same_encoder(cached_encoder(cached, args.work / name), encoder, run)):
+    encoder = encoders.get(pretrained_method(arm))
+    if cached is not None and (encoder is None or cached_encoder_key(cached, args.work / name) == encoder_key(encoder)):
         log(f"{arm}, {fraction:g} of the labels, seed {seed}: done before ({path})")
         return cached
     if cached is not None:   # the run was pretrained again: its old figures and fine-tune directory are stale
