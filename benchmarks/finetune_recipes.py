@@ -56,8 +56,12 @@ def parse_config(text: str) -> tuple[str, str]:
 def run_config(args: argparse.Namespace, name: str, options: str) -> dict:
     path = args.work / f"{name}.json"
     if path.exists():
+        done = json.loads(path.read_text())
+        if (done.get("options"), done.get("run")) != (options, str(args.run)):
+            raise SystemExit(f"configuration '{name}' was run before with --run {done.get('run')} and options "
+                             f"'{done.get('options')}': give '{options}' on {args.run} another name")
         log(f"{name}: done before ({path})")
-        return json.loads(path.read_text())
+        return done
     command = [sys.executable, "-m", "leanmim", "finetune", str(args.run), "--out", str(args.work / name),
                "--no-progress-bar", "--json", *shlex.split(options)]
     log(f"{name}: {' '.join(command[2:])}")

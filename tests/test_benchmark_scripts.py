@@ -1,5 +1,6 @@
 """The benchmark scripts' own arguments: a malformed one is a one-line usage error, and nothing is run or written."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -24,3 +25,15 @@ def test_finetune_recipes_rejects_malformed_configs(tmp_path, configs, message):
     assert completed.returncode == 2
     assert message in completed.stderr and "Traceback" not in completed.stderr
     assert not work.exists() and not (tmp_path / "r").exists()    # nothing was fine-tuned or tabulated
+
+
+def test_finetune_recipes_refuses_a_name_reused_with_other_options(tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    done = {"name": "a", "options": "--pool tokens", "run": "runs/demo-mae"}
+    (work / "a.json").write_text(json.dumps(done))
+    completed = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--results", str(tmp_path / "r"),
+                                "--config", "a: --pool mean"], capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert "was run before with --run runs/demo-mae and options '--pool tokens'" in completed.stderr
+    assert json.loads((work / "a.json").read_text()) == done                  # the earlier result is untouched
