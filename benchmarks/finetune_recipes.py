@@ -58,8 +58,9 @@ def run_config(args: argparse.Namespace, name: str, options: str) -> dict:
     if path.exists():
         done = json.loads(path.read_text())
         if (done.get("options"), done.get("run")) != (options, str(args.run)):
-            raise SystemExit(f"configuration '{name}' was run before with --run {done.get('run')} and options "
-                             f"'{done.get('options')}': give '{options}' on {args.run} another name")
+            print(f"finetune_recipes.py: error: configuration '{name}' was run before with --run {done.get('run')} "
+                  f"and options '{done.get('options')}': give '{options}' on {args.run} another name", file=sys.stderr)
+            sys.exit(2)
         log(f"{name}: done before ({path})")
         return done
     command = [sys.executable, "-m", "leanmim", "finetune", str(args.run), "--out", str(args.work / name),

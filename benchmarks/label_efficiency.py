@@ -104,7 +104,7 @@ def check_encoders(arms: list[str], runs: dict[str, Path], allow_unfinished: boo
     for method in sorted({pretrained_method(arm) for arm in arms} - {None}):
         loaded = load_run(runs[method])
         if loaded.unfinished and not allow_unfinished:
-            raise SystemExit(f"{runs[method]}: its pretraining stopped at {loaded.unfinished}; finish it (run its "
+            raise ConfigError(f"{runs[method]}: its pretraining stopped at {loaded.unfinished}; finish it (run its "
                              f"`leanmim pretrain` command again) or pass --allow-unfinished to measure it as it is")
         encoders[method] = {"checkpoint": str(loaded.checkpoint_path.resolve()), "global_step": loaded.global_step,
                             "finished": loaded.unfinished is None}
@@ -313,5 +313,6 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except ConfigError as error:   # a run that is not there or not a pretraining: one line, as the CLI says it
-        sys.exit(f"label_efficiency.py: error: {error}")
+    except ConfigError as error:   # a run that is missing, not a pretraining or unfinished: one line, exit 2 as the CLI
+        print(f"label_efficiency.py: error: {error}", file=sys.stderr)
+        sys.exit(2)

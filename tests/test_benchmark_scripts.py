@@ -34,6 +34,6 @@ def test_finetune_recipes_refuses_a_name_reused_with_other_options(tmp_path):
     (work / "a.json").write_text(json.dumps(done))
     completed = subprocess.run([sys.executable, str(SCRIPT), "--work", str(work), "--results", str(tmp_path / "r"),
                                 "--config", "a: --pool mean"], capture_output=True, text=True, timeout=60)
-    assert completed.returncode == 1 and "Traceback" not in completed.stderr
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "was run before with --run runs/demo-mae and options '--pool tokens'" in completed.stderr
     assert json.loads((work / "a.json").read_text()) == done                  # the earlier result is untouched
