@@ -6,7 +6,7 @@ teachers over a chosen subset or the full image, evaluation over the full image.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import contextlib
 from functools import partial
@@ -58,17 +58,48 @@ def keep_legacy_pos_embed(module: nn.Module, state_dict: dict, prefix: str, *arg
         state_dict[key] = legacy_sincos_pos_embed(grid, module.pos_embed.shape[-1]).to(module.pos_embed.dtype)
 
 
-# On CPU, torch's fused (flash) attention backward is slow for short sequences: for the
-# 32 px / patch 4 config (≤ 65 tokens) the unfused math path trains 1.65× faster, while at
-# ViT-B/16 @224 (197 tokens) flash is ~10% faster (benchmarks/train_speed.py, AMD EPYC, bf16).
+# Which attention kernel a CPU training step runs (benchmarks/attention_kernels.py, AMD EPYC 2 cores):
+# - under bf16 autocast, timm's explicit path (q·kᵀ, softmax, ·v as plain matmuls; ``fused_attn = False``)
+#   beats torch's fused flash kernel, whose CPU backward is slow, at every length measured, and beats the
+#   SDPA math kernel, which upcasts bf16 to fp32 on CPU;
+# - in fp32 the SDPA math kernel is used below CPU_FLASH_MIN_TOKENS tokens, flash above (fp32 explicit
+#   attention was slower than flash at 50 and 785 tokens).
+# CUDA keeps torch's default (flash / memory-efficient kernels). Forward-only evaluation keeps the default too.
 CPU_FLASH_MIN_TOKENS = 128
 
 
-def training_attention(num_tokens: int, device: torch.device | str):
-    """Context selecting the attention kernel for a training step (forward and its backward)."""
-    if torch.device(device).type == "cpu" and num_tokens < CPU_FLASH_MIN_TOKENS:
-        return sdpa_kernel(SDPBackend.MATH)
-    return contextlib.nullcontext()
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """Every timm ``Attention`` in ``model`` (subclasses included: LoMaR's relative-position attention)."""
+    from timm.layers import Attention
+
+    return [module for module in model.modules() if isinstance(module, Attention)]
+
+
+@contextlib.contextmanager
+def training_attention(model: nn.Module, num_tokens: int, device: torch.device | str) -> Iterator[None]:
+    """Select the attention kernel for a training forward of ``model`` (its backward follows the graph it built).
+
+    On CPU under bf16 autocast every timm ``Attention`` of ``model`` runs its explicit path for the block and
+    is restored after; on CPU in fp32 sequences of fewer than ``CPU_FLASH_MIN_TOKENS`` tokens (``num_tokens``:
+    the full grid plus cls) use the SDPA math kernel. Elsewhere nothing changes. Explicit and fused attention
+    compute the same function (tests/test_attention_kernel.py).
+    """
+    if torch.device(device).type != "cpu":
+        yield
+        return
+    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+        modules = attention_modules(model)
+        before = [module.fused_attn for module in modules]
+        for module in modules:
+            module.fused_attn = False
+        try:
+            yield
+        finally:
+            for module, fused in zip(modules, before):
+                module.fused_attn = fused
+        return
+    with sdpa_kernel(SDPBackend.MATH) if num_tokens < CPU_FLASH_MIN_TOKENS else contextlib.nullcontext():
+        yield
 
 
 def init_mae_weights(module: nn.Module) -> None:

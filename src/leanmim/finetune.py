@@ -82,7 +82,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, load_run
 from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, RunConfig  # noqa: F401 (FinetuneConfig re-exported)
 from .data import BatchMIMAugment, DataError, build_labelled_splits
-from .encoder import ViTEncoder, pool_features
+from .encoder import ViTEncoder, pool_features, training_attention
 from .engine import (GlobalBatchSampler, NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
                      write_summary)
 from .methods import build_method
@@ -269,7 +269,8 @@ class FinetuneModule(L.LightningModule):
             micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
             images, labels = self.train_transform(images, labels, seed=self.settings.seed * 1_000_003 + micro_step * 7
                                                   + self.global_rank * 104_729 + 1)
-        logits = self.classifier(images)
+        with training_attention(self.classifier, self.classifier.encoder.num_patches + 1, images.device):
+            logits = self.classifier(images)
         if labels.ndim == 2:  # soft targets (mixup/cutmix; smoothing already in them)
             loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
             hard = labels.argmax(1)

@@ -103,8 +103,13 @@ class RelPosAttention(Attention):
         qkv = self.qkv(x).reshape(batch, length, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         queries, keys, values = qkv.unbind(0)                                 # (B, H, N, d) each
         queries, keys = self.q_norm(queries), self.k_norm(keys)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=self.relative_bias(queries, buckets),
-                                                  dropout_p=self.attn_drop.p if self.training else 0.0)
+        bias = self.relative_bias(queries, buckets)
+        if self.fused_attn:
+            attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=bias,
+                                                      dropout_p=self.attn_drop.p if self.training else 0.0)
+        else:  # timm's explicit path (see encoder.training_attention): the same function as plain matmuls
+            weights = ((queries * self.scale) @ keys.transpose(-2, -1) + bias).softmax(dim=-1)
+            attended = self.attn_drop(weights) @ values
         attended = self.norm(attended.transpose(1, 2).reshape(batch, length, self.attn_dim))
         return self.proj_drop(self.proj(attended))
 
