@@ -58,7 +58,7 @@ class Stepper:
     def step(self) -> float:
         start = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16), \
-                training_attention(self.method, self.method.model_config.num_patches + 1, "cpu"):
+                training_attention(self.method, "cpu"):
             loss = self.forward(self.images).loss
         loss.backward()
         self.optimizer.step()

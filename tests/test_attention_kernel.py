@@ -73,17 +73,17 @@ def test_training_attention_switches_only_under_cpu_bf16_and_restores():
     hooks = [module.register_forward_pre_hook(lambda module, args: seen.append(module.fused_attn))
              for module in attention_modules(method)]
     images = torch.randn(2, 1, 16, 16)
-    with torch.autocast("cpu", dtype=torch.bfloat16), training_attention(method, TINY.num_patches + 1, "cpu"):
+    with torch.autocast("cpu", dtype=torch.bfloat16), training_attention(method, "cpu"):
         method(images).loss.float().backward()
     assert seen and not any(seen)             # every attention ran explicit under bf16
     assert all(fused_flags(method))           # and is fused again afterwards
     seen.clear()
-    with training_attention(method, TINY.num_patches + 1, "cpu"):   # fp32: the flags are left alone
+    with training_attention(method, "cpu"):   # fp32: the flags are left alone
         method(images)
     assert seen and all(seen)
     seen.clear()
     with pytest.raises(RuntimeError, match="boom"):            # restored even when the step fails
-        with torch.autocast("cpu", dtype=torch.bfloat16), training_attention(method, 17, "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16), training_attention(method, "cpu"):
             raise RuntimeError("boom")
     assert all(fused_flags(method))
     for hook in hooks:
@@ -107,3 +107,14 @@ def test_a_finetune_training_step_runs_explicit_attention_under_bf16():
         loss = module.training_step(batch, 0)
     assert torch.isfinite(loss) and seen and not any(seen)
     assert all(fused_flags(classifier))
+
+
+def test_peak_train_memory_measures_the_kernel_training_runs():
+    from leanmim.cost import peak_train_memory
+
+    method = build_method("mae", TINY, {})
+    seen = []
+    for attention in attention_modules(method):
+        attention.register_forward_pre_hook(lambda module, args: seen.append(module.fused_attn))
+    assert peak_train_memory(method, torch.randn(2, 1, 16, 16), torch.bfloat16) > 0
+    assert seen and not any(seen)

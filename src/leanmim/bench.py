@@ -78,7 +78,7 @@ class Stepper:
         synchronize()
         start = time.perf_counter()
         with torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None), \
-                training_attention(self.method, self.method.model_config.num_patches + 1, device):
+                training_attention(self.method, device):
             loss = self.method(self.images, rng=BatchRandom(0, self.steps_done)).loss
         loss.backward()
         self.optimizer.step()

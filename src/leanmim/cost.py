@@ -16,6 +16,7 @@ from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
 from .config import ConfigError, ModelConfig, RunConfig
+from .encoder import training_attention
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
 
@@ -106,7 +107,9 @@ def peak_train_memory(method: MIMMethod, images: torch.Tensor, autocast_dtype: t
 
     Included: activations kept for backward, temporaries, and the gradients (set to None first, so the backward
     pass allocates them). Not included: parameters, optimizer states (the optimizer is the engine's), and
-    allocator caching or fragmentation. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast.
+    allocator caching or fragmentation. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast,
+    with the attention kernel training chooses (:func:`leanmim.encoder.training_attention`: on CPU in bf16 the
+    explicit path, which keeps each attention matrix for the backward).
 
     On CUDA this is ``torch.cuda.max_memory_allocated`` minus the bytes allocated at the start. On CPU, where torch
     keeps no such statistic, torch's profiler records every allocation and free the allocator makes during the
@@ -115,7 +118,8 @@ def peak_train_memory(method: MIMMethod, images: torch.Tensor, autocast_dtype: t
     device = images.device
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None), \
+                training_attention(method, device):
             loss = method(images).loss
         loss.backward()
 

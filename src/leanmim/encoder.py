@@ -13,7 +13,6 @@ from functools import partial
 
 import torch
 from timm.layers import PatchEmbed
-from torch.nn.attention import SDPBackend, sdpa_kernel
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
@@ -58,14 +57,11 @@ def keep_legacy_pos_embed(module: nn.Module, state_dict: dict, prefix: str, *arg
         state_dict[key] = legacy_sincos_pos_embed(grid, module.pos_embed.shape[-1]).to(module.pos_embed.dtype)
 
 
-# Which attention kernel a CPU training step runs (benchmarks/attention_kernels.py, AMD EPYC 2 cores):
-# - under bf16 autocast, timm's explicit path (q·kᵀ, softmax, ·v as plain matmuls; ``fused_attn = False``)
-#   beats torch's fused flash kernel, whose CPU backward is slow, at every length measured, and beats the
-#   SDPA math kernel, which upcasts bf16 to fp32 on CPU;
-# - in fp32 the SDPA math kernel is used below CPU_FLASH_MIN_TOKENS tokens, flash above (fp32 explicit
-#   attention was slower than flash at 50 and 785 tokens).
-# CUDA keeps torch's default (flash / memory-efficient kernels). Forward-only evaluation keeps the default too.
-CPU_FLASH_MIN_TOKENS = 128
+# Which attention kernel a CPU training step runs (benchmarks/attention_kernels.py, AMD EPYC, 2 cores): under
+# bf16 autocast, timm's explicit path (q·kᵀ, softmax, ·v as plain matmuls; ``fused_attn = False``) trains
+# 1.3–1.8× faster than torch's fused flash kernel, whose CPU backward is slow, and 1.1–1.3× faster than the
+# SDPA math kernel, which upcasts bf16 to fp32 on CPU. In fp32 the three are within a few per cent of each
+# other, so fp32 keeps torch's default, as does CUDA (flash / memory-efficient kernels) and evaluation.
 
 
 def attention_modules(model: nn.Module) -> list[nn.Module]:
@@ -76,30 +72,26 @@ def attention_modules(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def training_attention(model: nn.Module, num_tokens: int, device: torch.device | str) -> Iterator[None]:
+def training_attention(model: nn.Module, device: torch.device | str) -> Iterator[None]:
     """Select the attention kernel for a training forward of ``model`` (its backward follows the graph it built).
 
-    On CPU under bf16 autocast every timm ``Attention`` of ``model`` runs its explicit path for the block and
-    is restored after; on CPU in fp32 sequences of fewer than ``CPU_FLASH_MIN_TOKENS`` tokens (``num_tokens``:
-    the full grid plus cls) use the SDPA math kernel. Elsewhere nothing changes. Explicit and fused attention
-    compute the same function (tests/test_attention_kernel.py).
+    On CPU under bf16 autocast every timm ``Attention`` of ``model`` runs its explicit path inside the block
+    and is restored after; elsewhere nothing changes. Explicit and fused attention compute the same function
+    (tests/test_attention_kernel.py).
     """
-    if torch.device(device).type != "cpu":
+    if torch.device(device).type != "cpu" or not (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16):
         yield
         return
-    if torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16:
-        modules = attention_modules(model)
-        before = [module.fused_attn for module in modules]
-        for module in modules:
-            module.fused_attn = False
-        try:
-            yield
-        finally:
-            for module, fused in zip(modules, before):
-                module.fused_attn = fused
-        return
-    with sdpa_kernel(SDPBackend.MATH) if num_tokens < CPU_FLASH_MIN_TOKENS else contextlib.nullcontext():
+    modules = attention_modules(model)
+    before = [module.fused_attn for module in modules]
+    for module in modules:
+        module.fused_attn = False
+    try:
         yield
+    finally:
+        for module, fused in zip(modules, before):
+            module.fused_attn = fused
 
 
 def init_mae_weights(module: nn.Module) -> None:

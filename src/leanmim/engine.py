@@ -161,7 +161,7 @@ class PretrainModule(L.LightningModule):
             generator = torch.Generator().manual_seed(train.seed * 1_000_003 + micro_step * 7 + 1)  # global position
             images = self.batch_transform(images, generator=generator, rank=rank, world_size=world)
         progress = min(1.0, self.global_step / max(1, self.total_steps))
-        with training_attention(self.method, self.config.model.num_patches + 1, images.device):
+        with training_attention(self.method, images.device):
             return self.method(images, progress=progress, rng=BatchRandom(train.seed, micro_step, rank, world))
 
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:

@@ -269,7 +269,7 @@ class FinetuneModule(L.LightningModule):
             micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
             images, labels = self.train_transform(images, labels, seed=self.settings.seed * 1_000_003 + micro_step * 7
                                                   + self.global_rank * 104_729 + 1)
-        with training_attention(self.classifier, self.classifier.encoder.num_patches + 1, images.device):
+        with training_attention(self.classifier, images.device):
             logits = self.classifier(images)
         if labels.ndim == 2:  # soft targets (mixup/cutmix; smoothing already in them)
             loss = torch.sum(-labels * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
