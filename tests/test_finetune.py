@@ -383,3 +383,21 @@ def test_a_stopped_pretraining_is_flagged_by_probe_and_finetune(pretrained, tiny
     scratch = api.finetune(stopped, out=str(tmp_path / "scratch"), epochs=1, from_scratch=True, **FAST)
     assert not [w for w in recwarn if "stopped at" in str(w.message)]            # no pretrained weights used
     assert scratch["source_global_step"] == 4
+
+
+def test_evaluate_finetuned_reproduces_the_recorded_figures_and_averages_mirror_views(pretrained, finetuned):
+    from leanmim.finetune import evaluate_finetuned
+
+    out = pretrained / "finetune"
+    assert evaluate_finetuned(out, "val") == finetuned["selected_val_top1"]       # the same split, weights, precision
+    assert evaluate_finetuned(out, "test") == finetuned["selected_test_top1"]
+    # hflip by hand: softmax(f(x)) + softmax(f(mirror x)), arg-max, over the carved validation split
+    run = load_finetuned(out)
+    splits, subsets = labelled_data(str(run.config.data.path), 16, 1, 0.1, 0)
+    images, labels = zip(*(subsets.val[i] for i in range(len(subsets.val))))
+    images, labels = splits.batch_transform(torch.stack(images)), torch.tensor(labels)
+    with torch.no_grad():
+        votes = run.classifier(images).softmax(-1) + run.classifier(images.flip(-1)).softmax(-1)
+    assert evaluate_finetuned(out, "val", hflip=True) == pytest.approx((votes.argmax(1) == labels).float().mean().item())
+    with pytest.raises(Exception, match="split must be 'val' or 'test'"):
+        evaluate_finetuned(out, "train")

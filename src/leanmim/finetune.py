@@ -460,6 +460,37 @@ def load_finetuned(path: str | Path) -> FinetunedRun:
     return FinetunedRun(config, settings, classifier.eval(), checkpoint_path, results)
 
 
+def evaluate_finetuned(path: str | Path, split: str = "val", hflip: bool = False, batch_size: int = 256) -> float:
+    """Top-1 of a fine-tuning's selected classifier on its own ``split`` ('val' or 'test'), rebuilt exactly as the
+    fine-tuning carved it (same data, validation fraction, split seed, label subset) and evaluated in its precision.
+
+    ``hflip``: test-time augmentation — the softmax of each image and of its mirror image are averaged before the
+    arg-max. Decide on it with ``split='val'``; the test split is for reporting the protocol chosen there.
+    """
+    if split not in ("val", "test"):
+        raise ConfigError(f"split must be 'val' or 'test', got '{split}'")
+    run = load_finetuned(path)
+    settings, model = run.settings, run.config.model
+    splits, subsets = labelled_data(settings.data or run.config.data.path, model.img_size, model.in_chans,
+                                    settings.val_fraction, settings.split_seed, settings.labels_per_class,
+                                    settings.label_fraction)
+    dataset = subsets.val if split == "val" else subsets.test
+    if dataset is None or len(dataset) == 0:
+        raise ConfigError(f"the fine-tuning in '{path}' has no {split} split (--val-fraction 0?)")
+    normalize = splits.batch_transform   # None when streamed: the dataset yields normalized tensors
+    bf16 = lightning_precision(RunConfig(train=settings.train_config(run.checkpoint_path.parent))) == "bf16-mixed"
+    correct = seen = 0
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for images, labels in DataLoader(dataset, batch_size=batch_size):
+            images = normalize(images) if normalize is not None else images
+            probabilities = run.classifier(images).float().softmax(-1)
+            if hflip:
+                probabilities = probabilities + run.classifier(images.flip(-1)).float().softmax(-1)
+            correct += int((probabilities.argmax(1) == labels).sum())
+            seen += labels.numel()
+    return correct / seen
+
+
 def export_finetuned(path: str | Path, out: str | Path) -> Path:
     """Export a fine-tuned classifier (a directory: its selected checkpoint, ``best.ckpt``).
 
