@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from leanmim.config import ConfigError
+from leanmim.data import DataError
 from leanmim.finetune import evaluate_finetuned
 
 
@@ -37,8 +38,9 @@ def main() -> None:
     for path in args.finetunings:
         try:
             rows.append(decide_and_report(path))
-        except ConfigError as error:
-            sys.exit(f"flip_tta.py: {error}")
+        except (ConfigError, DataError) as error:   # one line, exit 2, as the CLI and the other benchmark scripts
+            print(f"flip_tta.py: error: {error}", file=sys.stderr)
+            sys.exit(2)
         row = rows[-1]
         print(f"{path}: val {100 * row['val_top1_plain']:.2f} plain / {100 * row['val_top1_hflip']:.2f} hflip -> "
               f"{row['chosen']}, test {100 * row['test_top1_chosen']:.2f} %", flush=True)

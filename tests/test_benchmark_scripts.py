@@ -37,3 +37,12 @@ def test_finetune_recipes_refuses_a_name_reused_with_other_options(tmp_path):
     assert completed.returncode == 2 and "Traceback" not in completed.stderr
     assert "was run before with --run runs/demo-mae and options '--pool tokens'" in completed.stderr
     assert json.loads((work / "a.json").read_text()) == done                  # the earlier result is untouched
+
+
+def test_flip_tta_refuses_a_directory_that_is_not_a_finetuning_in_one_line(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "flip_tta.py"
+    completed = subprocess.run([sys.executable, str(script), str(tmp_path / "missing"), "--results", str(tmp_path / "r")],
+                               capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2 and "Traceback" not in completed.stderr
+    assert len(completed.stderr.strip().splitlines()) == 1 and "flip_tta.py: error:" in completed.stderr
+    assert not (tmp_path / "r").exists()

@@ -80,7 +80,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, load_run
-from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, RunConfig  # noqa: F401 (FinetuneConfig re-exported)
+from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, ModelConfig, RunConfig  # noqa: F401 (FinetuneConfig re-exported)
 from .data import BatchMIMAugment, DataError, build_labelled_splits
 from .encoder import ViTEncoder, pool_features, training_attention
 from .engine import (GlobalBatchSampler, NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
@@ -470,10 +470,8 @@ def evaluate_finetuned(path: str | Path, split: str = "val", hflip: bool = False
     if split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', got '{split}'")
     run = load_finetuned(path)
-    settings, model = run.settings, run.config.model
-    splits, subsets = labelled_data(settings.data or run.config.data.path, model.img_size, model.in_chans,
-                                    settings.val_fraction, settings.split_seed, settings.labels_per_class,
-                                    settings.label_fraction)
+    settings = run.settings
+    splits, subsets = finetune_splits(settings, settings.data or run.config.data.path, run.config.model)
     dataset = subsets.val if split == "val" else subsets.test
     if dataset is None or len(dataset) == 0:
         raise ConfigError(f"the fine-tuning in '{path}' has no {split} split (--val-fraction 0?)")
@@ -611,6 +609,13 @@ def labelled_data(data: str, img_size: int, in_chans: int, val_fraction: float, 
     return splits, subsets
 
 
+def finetune_splits(settings: FinetuneConfig, data: str, model: ModelConfig):
+    """The labelled splits a fine-tuning with ``settings`` uses on ``data`` for ``model`` (a ModelConfig): see
+    :func:`labelled_data`."""
+    return labelled_data(data, model.img_size, model.in_chans, settings.val_fraction, settings.split_seed,
+                         settings.labels_per_class, settings.label_fraction)
+
+
 def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, callbacks=()) -> dict[str, Any]:
     """Fine-tune the encoder of a pretraining run (directory or checkpoint); resumes from ``OUT/checkpoints/last.ckpt``.
 
@@ -638,8 +643,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     precision = lightning_precision(RunConfig(train=settings.train_config(out)))
     identity = finetune_identity(settings, loaded, data, precision, from_weights=run is None)
     resume_from = check_finetune_resume(out, identity, settings.extend)
-    splits, subsets = labelled_data(data, model.img_size, model.in_chans, settings.val_fraction, settings.split_seed,
-                                    settings.labels_per_class, settings.label_fraction)
+    splits, subsets = finetune_splits(settings, data, model)
     if len(subsets.train) < settings.batch_size:  # checked before anything is written
         raise ConfigError(f"the labelled training split has {len(subsets.train)} images, fewer than one batch of "
                           f"{settings.batch_size}: lower --batch-size")
