@@ -23,12 +23,16 @@ mean ± sample standard deviation over seeds), ``quality.json`` (every figure, p
 ``quality_pareto.png`` (accuracy against pretraining compute, in MACs and in seconds).
 
 Model and training recipe: ``configs/demo.yaml`` (28 px, patch 4, width 192, depth 8, decoder 128 × 2, batch 256,
-base lr 1.5e-3), with the per-method options of ``METHOD_OPTIONS`` below. Runs live in ``--work`` (default
-``runs/quality``); an interrupted benchmark, started again with the same arguments, reuses each run's plan (its
-step count), resumes unfinished runs and skips finished evaluations.
+base lr 1.5e-3), with the per-method options of ``METHOD_OPTIONS`` below. ``--patch-size 2`` gives a 14 × 14 grid
+of 2 px patches, where LoMaR's default 7 × 7 windows are a quarter of the image (on the 7 × 7 grid they would be
+all of it). Runs live in ``--work`` (default ``runs/quality``): ``seed<S>/<method>/`` holds the benchmark's files
+(``plan.json``, ``quality.json``) and the pretraining run in ``run/``. An interrupted benchmark, started again with
+the same arguments, reuses each run's plan (its step count), resumes unfinished runs and skips finished evaluations.
 
     python benchmarks/quality.py                                # every method, 10 minutes each, seed 0
     python benchmarks/quality.py --minutes 20 --seeds 0,1        # the headline comparison
+    python benchmarks/quality.py --minutes 10 --methods mae,lomar --patch-size 2 --pool mean \
+        --work runs/quality-grid14 --results benchmarks/results/quality-grid14     # LoMaR's regime: a 14 × 14 grid
     python benchmarks/quality.py --minutes 0.2 --methods mae,prmim --seeds 0 --subset 2000,500 \\
         --finetune-epochs 1 --linear-epochs 10 --work /tmp/q/runs --results /tmp/q   # a smoke run (~minutes)
 
@@ -54,7 +58,7 @@ import torch
 
 from leanmim import api
 from leanmim.bench import cpu_model, machine_info
-from leanmim.config import RunConfig
+from leanmim.config import ConfigError, RunConfig
 from leanmim.data import FASHION_MNIST_DIR, read_idx
 from leanmim.methods import METHODS
 
@@ -65,6 +69,7 @@ METHOD_OPTIONS: dict[str, dict[str, Any]] = {
     "mae": {},
     # A 5 × 5 window (25 of the 49 patches, ⌊25 · 0.8⌋ = 20 masked) is the smallest whose offsets reach the saturated
     # |Δ| ≥ 4 position bucket that the full 7 × 7 grid uses at evaluation; the default 7 would be the whole image.
+    # On a grid of 14 × 14 or more (--patch-size 2) LoMaR keeps its default 7 × 7 windows (see method_options).
     "lomar": {"window_size": 5},
     "prmim": {},   # 3 × 3 aggregation window: fits the 7 × 7 grid
     "pcae": {},    # teacher compresses after blocks 1, 3, 5 of 8 (the authors' i·(depth//3) rule; 1, 3, 6 before issue 15)
@@ -106,33 +111,47 @@ def write_subset(directory: Path, num_train: int, num_test: int) -> Path:
     return directory
 
 
-def base_config(config_path: Path, data: str) -> RunConfig:
+def base_config(config_path: Path, data: str, patch_size: int | None = None) -> RunConfig:
     config = RunConfig.load_yaml(config_path)
+    if patch_size is not None:
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, patch_size=patch_size))
     return dataclasses.replace(config, data=dataclasses.replace(config.data, path=data),
                                train=dataclasses.replace(config.train, progress_bar=False, log_every_steps=50,
                                                          checkpoint_every_epochs=0))
 
 
-def run_config(base: RunConfig, method: str, seed: int, out: Path, **train: Any) -> RunConfig:
+def method_options(method: str, grid_side: int) -> tuple[str, dict[str, Any]]:
+    """(registered method, options) of a --methods name on a ``grid_side`` × ``grid_side`` patch grid."""
     method, options = VARIANTS.get(method, (method, METHOD_OPTIONS.get(method, {})))
-    return dataclasses.replace(base, method=method, options=dict(options),
+    if method == "lomar" and grid_side >= 14:
+        options = {key: value for key, value in options.items() if key != "window_size"}  # the paper's 7 × 7 windows
+    return method, dict(options)
+
+
+def grid_side(base: RunConfig) -> int:
+    return base.model.img_size // base.model.patch_size
+
+
+def run_config(base: RunConfig, method: str, seed: int, out: Path, **train: Any) -> RunConfig:
+    method, options = method_options(method, grid_side(base))
+    return dataclasses.replace(base, method=method, options=options,
                                train=dataclasses.replace(base.train, seed=seed, out=str(out), **train))
 
 
-def plan_steps(base: RunConfig, method: str, seed: int, run_dir: Path, minutes: float, calibration_steps: int,
+def plan_steps(base: RunConfig, method: str, seed: int, method_dir: Path, minutes: float, calibration_steps: int,
                num_images: int, first_seed_dir: Path) -> dict[str, Any]:
     """The run's step count for the budget, from a short calibration run; stored in ``plan.json`` and reused.
 
     The method's first seed calibrates; later seeds take its step count, so seeds differ in their random draws only
     (not in how busy the machine was when they were calibrated)."""
-    plan_path = run_dir / "plan.json"
+    plan_path = method_dir / "plan.json"
     for source in (plan_path, first_seed_dir / "plan.json"):
         plan = read_json(source)
         if plan is not None and plan["minutes"] == minutes and plan["calibration_steps"] == calibration_steps:
             if source != plan_path:
                 write_json(plan_path, plan)
             return plan
-    calibration_dir = run_dir.parent / f"{run_dir.name}-calibration"
+    calibration_dir = method_dir / "calibration"
     shutil.rmtree(calibration_dir, ignore_errors=True)
     summary = api.pretrain(run_config(base, method, seed, calibration_dir, max_steps=calibration_steps))
     shutil.rmtree(calibration_dir, ignore_errors=True)
@@ -162,37 +181,41 @@ def wants_finetuning(method: str, seed: int, args) -> bool:
 FINETUNE_PROTOCOL = "selected on validation"   # cached fine-tunes without it predate the validation split
 
 
-def finetune_figures(run_dir: Path, method: str, seed: int, args) -> dict[str, Any]:
+def finetune_figures(method_dir: Path, method: str, seed: int, args) -> dict[str, Any]:
     """Fine-tune the run's encoder for ``--finetune-epochs`` (MAE protocol); its own directory per epoch count.
     ``finetune_top1``: test top-1 of the epoch selected on validation; ``finetune_last_top1``: of the last epoch."""
     if not wants_finetuning(method, seed, args):
         return {"finetune_epochs": 0, "finetune_top1": None, "finetune_last_top1": None}
     log(f"{method} seed {seed}: fine-tuning {args.finetune_epochs} epoch(s)")
-    result = api.finetune(run_dir, out=str(run_dir / f"finetune-{args.finetune_epochs}ep-val"),
+    result = api.finetune(method_dir / "run", out=str(method_dir / f"finetune-{args.finetune_epochs}ep-val"),
                           epochs=args.finetune_epochs, seed=seed, progress_bar=False, log_every_steps=50)
     return {"finetune_epochs": args.finetune_epochs, "finetune_protocol": FINETUNE_PROTOCOL,
             "finetune_top1": result["selected_test_top1"], "finetune_last_top1": result["last_test_top1"],
             "finetune_selected_epoch": result["selected_epoch"], "finetune_seconds": result["train_seconds_this_session"]}
 
 
-def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, first_seed_dir: Path, args,
+def evaluate_method(base: RunConfig, method: str, seed: int, method_dir: Path, first_seed_dir: Path, args,
                     num_images: int) -> dict[str, Any]:
-    cached = read_json(run_dir / "quality.json")
+    """Plan, pretrain, probe (and fine-tune) one method at one seed. ``method_dir`` holds the benchmark's own files
+    (``plan.json``, ``train_seconds.json``, ``quality.json``) beside the pretraining run in ``method_dir/run``, which
+    the engine must find new or its own."""
+    run_dir = method_dir / "run"
+    cached = read_json(method_dir / "quality.json")
     if cached is not None:
-        log(f"{method} seed {seed}: done before, reusing {run_dir / 'quality.json'}")
+        log(f"{method} seed {seed}: done before, reusing {method_dir / 'quality.json'}")
         if wants_finetuning(method, seed, args) and (cached.get("finetune_epochs") != args.finetune_epochs
                                                      or cached.get("finetune_protocol") != FINETUNE_PROTOCOL):
-            cached.update(finetune_figures(run_dir, method, seed, args))
-            write_json(run_dir / "quality.json", cached)
+            cached.update(finetune_figures(method_dir, method, seed, args))
+            write_json(method_dir / "quality.json", cached)
         return cached
-    plan = plan_steps(base, method, seed, run_dir, args.minutes, args.calibration_steps, num_images, first_seed_dir)
+    plan = plan_steps(base, method, seed, method_dir, args.minutes, args.calibration_steps, num_images, first_seed_dir)
     log(f"{method} seed {seed}: {plan['max_steps']} steps (calibrated {plan['calibrated_img_per_s']:.0f} img/s)")
     config = run_config(base, method, seed, run_dir, max_steps=plan["max_steps"])
     summary = api.pretrain(config)
     # Training seconds over every session of this run (an interrupted benchmark resumes its runs).
-    earlier = read_json(run_dir / "train_seconds.json") if summary["resumed_from"] else None
+    earlier = read_json(method_dir / "train_seconds.json") if summary["resumed_from"] else None
     train_seconds = (earlier or {"seconds": 0.0})["seconds"] + summary["train_seconds_this_session"]
-    write_json(run_dir / "train_seconds.json", {"seconds": train_seconds})
+    write_json(method_dir / "train_seconds.json", {"seconds": train_seconds})
     cost = api.cost(config.method, config.model.name, config.model.img_size, config.model.patch_size, config.model.in_chans,
                     config.options, model_overrides={k: v for k, v in dataclasses.asdict(config.model).items()
                                                      if k not in ("name", "img_size", "patch_size", "in_chans")})
@@ -206,8 +229,8 @@ def evaluate_method(base: RunConfig, method: str, seed: int, run_dir: Path, firs
         "final_loss": summary["final_loss"],
         "train_macs_per_image": cost["macs"]["train_step"], "pretrain_macs": cost["macs"]["train_step"] * images_seen,
         "knn_top1": probe["knn_top1"], "linear_top1": probe["linear_top1"],
-    } | finetune_figures(run_dir, method, seed, args)
-    write_json(run_dir / "quality.json", result)
+    } | finetune_figures(method_dir, method, seed, args)
+    write_json(method_dir / "quality.json", result)
     return result
 
 
@@ -267,9 +290,12 @@ def percent(entry: tuple[float, float] | None) -> str:
     return f"{100 * mean:.2f} ± {100 * spread:.2f}" if spread else f"{100 * mean:.2f}"
 
 
-def markdown_table(summary: dict[str, dict[str, Any]], machine: str, args) -> str:
+def markdown_table(summary: dict[str, dict[str, Any]], machine: str, args, base: RunConfig) -> str:
     seeds, ablation_seeds = (",".join(map(str, values)) for values in (args.seeds, args.ablation_seeds or args.seeds))
-    lines = [f"Fashion-MNIST, {args.minutes:g} min pretraining per method (wall clock, {machine}); seeds "
+    side = grid_side(base)
+    lines = [f"Fashion-MNIST, {args.minutes:g} min pretraining per method (wall clock, {machine}); patch "
+             f"{base.model.patch_size} ({side} × {side} grid); probes on `--pool {args.pool}` features, linear "
+             f"{args.linear_epochs} epochs; seeds "
              f"{seeds} (ablation variants: {ablation_seeds}); mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol; "
              f"its column is the test top-1 of the epoch selected on a validation split (10 % of each training class).",
              "",
@@ -344,6 +370,8 @@ def main() -> None:
     parser.add_argument("--ablation-seeds", type=integers, help="comma-separated seeds for the ablation variants "
                         f"({', '.join(VARIANTS)}) [the --seeds]")
     parser.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"), help="model and training recipe")
+    parser.add_argument("--patch-size", type=int, help="override the config's patch size (2: a 14 × 14 grid at 28 px, "
+                        "where LoMaR runs its default 7 × 7 windows)")
     parser.add_argument("--calibration-steps", type=int, default=12, help="steps of the calibration run per method")
     parser.add_argument("--finetune-epochs", type=int, default=2, help="fine-tuning epochs per method (0: skip)")
     parser.add_argument("--finetune-methods", type=names, help="comma-separated: fine-tune only these (from --methods) [all]")
@@ -362,10 +390,21 @@ def main() -> None:
     ablation_seeds = seeds if args.ablation_seeds is None else args.ablation_seeds
     work, results = Path(args.work), Path(args.results)
     data, num_images = "fashion-mnist", 60000
-    if args.subset:
-        num_train, num_test = (int(n) for n in args.subset.split(","))
+    if args.patch_size is not None and args.patch_size < 1:
+        parser.error(f"--patch-size must be a positive integer, got {args.patch_size}")
+    try:
+        base = base_config(Path(args.config), data, args.patch_size)
+    except ConfigError as error:
+        parser.error(str(error))
+    if base.model.img_size % base.model.patch_size:
+        parser.error(f"--patch-size {base.model.patch_size} does not divide the {base.model.img_size} px images")
+    if args.subset:  # written only once every argument has been checked
+        try:
+            num_train, num_test = (int(n) for n in args.subset.split(","))
+        except ValueError:
+            parser.error(f"--subset takes TRAIN,TEST (two image counts, e.g. 2000,500), got '{args.subset}'")
         data, num_images = str(write_subset(work / f"fashion-mnist-{num_train}-{num_test}", num_train, num_test)), num_train
-    base = base_config(Path(args.config), data)
+        base = dataclasses.replace(base, data=dataclasses.replace(base.data, path=data))
 
     per_seed: dict[str, list[dict[str, Any]]] = {method: [] for method in methods}
     started = time.time()
@@ -376,21 +415,22 @@ def main() -> None:
             per_seed[method].append(evaluate_method(base, method, seed, work / f"seed{seed}" / method,
                                                     work / f"seed{seeds[0]}" / method, args, num_images))
     log("baselines: raw pixels, random encoder")
-    reference = work / f"seed{seeds[0]}" / ("mae" if "mae" in methods else methods[0])  # its architecture, untrained
+    reference = work / f"seed{seeds[0]}" / ("mae" if "mae" in methods else methods[0]) / "run"  # its architecture
     per_seed.update(evaluate_baselines(data, seeds, reference, work, args))
 
     machine = machine_info(torch.device("cpu"), None)
     machine.pop("precision")
     summary = summarise(per_seed)
     report = {"minutes": args.minutes, "seeds": seeds, "methods": methods, "config": args.config,
-              "recipe": RunConfig.load_yaml(args.config).to_dict(), "method_options": METHOD_OPTIONS, "data": data,
+              "recipe": base.to_dict(), "grid": f"{grid_side(base)}x{grid_side(base)}", "pool": args.pool,
+              "method_options": {method: method_options(method, grid_side(base))[1] for method in methods}, "data": data,
               "finetune_epochs": args.finetune_epochs, "linear_epochs": args.linear_epochs, "machine": machine,
               "per_seed": per_seed,
               "summary": {name: {key: (list(value) if isinstance(value, tuple) else value) for key, value in entry.items()}
                           for name, entry in summary.items()},
               "wall_seconds": round(time.time() - started, 1)}
     write_json(results / "quality.json", report)
-    table = markdown_table(summary, f"{cpu_model()}, {machine['threads']} threads", args)
+    table = markdown_table(summary, f"{cpu_model()}, {machine['threads']} threads", args, base)
     (results / "quality.md").write_text(table)
     plot = pareto_plot(summary, methods, results / "quality_pareto.png")
     print(table)
