@@ -293,11 +293,13 @@ def percent(entry: tuple[float, float] | None) -> str:
 def markdown_table(summary: dict[str, dict[str, Any]], machine: str, args, base: RunConfig) -> str:
     seeds, ablation_seeds = (",".join(map(str, values)) for values in (args.seeds, args.ablation_seeds or args.seeds))
     side = grid_side(base)
+    variants = f" (ablation variants: {ablation_seeds})" if any(name in VARIANTS for name in args.methods) else ""
+    finetuning = (f"Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol; its column is the test top-1 of the "
+                  f"epoch selected on a validation split (10 % of each training class)." if args.finetune_epochs > 0
+                  else "No fine-tuning (--finetune-epochs 0).")
     lines = [f"Fashion-MNIST, {args.minutes:g} min pretraining per method (wall clock, {machine}); patch "
              f"{base.model.patch_size} ({side} × {side} grid); probes on `--pool {args.pool}` features, linear "
-             f"{args.linear_epochs} epochs; seeds "
-             f"{seeds} (ablation variants: {ablation_seeds}); mean ± sample std over seeds. Fine-tuning: {args.finetune_epochs} epoch(s), MAE protocol; "
-             f"its column is the test top-1 of the epoch selected on a validation split (10 % of each training class).",
+             f"{args.linear_epochs} epochs; seeds {seeds}{variants}; mean ± sample std over seeds. {finetuning}",
              "",
              "| features | seeds | steps | pretraining TMACs | pretraining min | kNN top-1 % | linear top-1 % | fine-tune top-1 % |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -390,6 +392,8 @@ def main() -> None:
     ablation_seeds = seeds if args.ablation_seeds is None else args.ablation_seeds
     work, results = Path(args.work), Path(args.results)
     data, num_images = "fashion-mnist", 60000
+    if args.calibration_steps < 3:  # the engine's images/s leaves out the first two steps (one-off costs)
+        parser.error(f"--calibration-steps must be at least 3 (the first two steps are not timed), got {args.calibration_steps}")
     if args.patch_size is not None and args.patch_size < 1:
         parser.error(f"--patch-size must be a positive integer, got {args.patch_size}")
     try:
