@@ -13,6 +13,7 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -22,7 +23,7 @@ from leanmim.cli import main
 from leanmim.config import DataConfig
 from leanmim.data import DataError, build_labelled_splits, build_pretrain_data, default_img_size, write_shards
 from leanmim.data.augment import sample_transform
-from leanmim.data.common import SkipLog
+from leanmim.data.common import SkipLog, worker_start_method
 from leanmim.data.shards import ShardSource, open_shards
 from leanmim.engine import TrainingInterrupted, pretrain
 
@@ -145,8 +146,8 @@ def test_stream_splits_shards_between_ranks_and_workers(idx_shards):
     assert all(not (a & b) for i, a in enumerate(slots) for b in slots[i + 1:]), shards_of
 
 
-def test_bad_samples_are_replaced_counted_and_named(tmp_path, idx_shards):
-    shard = tmp_path / "bad-000000.tar"
+def write_bad_shard(idx_shards: Path, shard: Path) -> Path:
+    """A copy of the first training shard whose samples 000003 and 000005 are truncated PNGs."""
     with tarfile.open(idx_shards / "train-000000.tar") as src, tarfile.open(shard, "w") as dst:
         for member in src.getmembers():
             data = src.extractfile(member).read()
@@ -154,6 +155,11 @@ def test_bad_samples_are_replaced_counted_and_named(tmp_path, idx_shards):
                 data = data[: len(data) // 3]  # truncated PNG
             member.size = len(data)
             dst.addfile(member, io.BytesIO(data))
+    return shard
+
+
+def test_bad_samples_are_replaced_counted_and_named(tmp_path, idx_shards):
+    shard = write_bad_shard(idx_shards, tmp_path / "bad-000000.tar")
     pattern = str(tmp_path / "bad-{000000..000000}.tar")
     with pytest.raises(DataError, match="--samples-per-epoch"):
         build_pretrain_data(pattern, 16, 1)
@@ -162,6 +168,30 @@ def test_bad_samples_are_replaced_counted_and_named(tmp_path, idx_shards):
         batches = list(data.dataset.loader(5, seed=0, rank=0, world_size=1, num_workers=0))
     assert len(batches) == 4 and all(b.shape == (5, 1, 16, 16) for b in batches)
     assert sorted(data.skipped_files) == [f"{shard}:000003", f"{shard}:000005"]
+
+
+def test_loader_workers_start_from_a_forkserver_inside_a_process_group(idx_shards, tmp_path):
+    """Under torchrun, a forked loader worker can hang for ever (CPython 3.11 after-fork lock): inside a process
+    group the workers start from a forkserver, and deliver the same batches and bad-sample log as forked ones."""
+    urls = open_shards(str(idx_shards)).splits["train"]
+    augment = sample_transform(16, (0.5,), (0.5,), crop_min_scale=0.3, hflip=True)
+    source = ShardSource(urls, 1, augment, samples_per_epoch=32, shuffle_buffer=10, log=SkipLog())
+    bad = build_pretrain_data(str(write_bad_shard(idx_shards, tmp_path / "bad-000000.tar")), 16, 1,
+                              samples_per_epoch=20, augment=False, shuffle_buffer=1).dataset
+    assert worker_start_method(2) is None and source.loader(4, 3, 0, 1, 2).multiprocessing_context is None
+    forked = stream_batches(source, workers=2)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert worker_start_method(0) is None and worker_start_method(2) == "forkserver"
+        loader = source.loader(4, seed=3, rank=0, world_size=1, num_workers=2)
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        served = list(loader)
+        assert len(served) == len(forked) == 8 and all(torch.equal(a, b) for a, b in zip(forked, served))
+        # the worker warns on its own stderr; the names reach this process through the SkipLog's file
+        assert len(list(bad.loader(5, seed=0, rank=0, world_size=1, num_workers=1))) == 4
+    finally:
+        dist.destroy_process_group()
+    assert sorted(bad.skipped_files) == [f"{tmp_path / 'bad-000000.tar'}:000003", f"{tmp_path / 'bad-000000.tar'}:000005"]
 
 
 def test_pretrain_on_shards_interrupted_and_resumed_equals_uninterrupted(idx_shards, tmp_path, single_thread):

@@ -28,6 +28,7 @@ from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_step, newest
 from .config import ConfigError, RunConfig
 from .encoder import training_attention
 from .data import MIMData, ShardSource, build_pretrain_data, default_channels, default_img_size
+from .data.common import worker_start_method
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
 from .run import (RUN_FILE, atomic_write_text, check_run_directory, data_fingerprint, dumps_strict, identity_of,
@@ -259,7 +260,7 @@ class PretrainData(L.LightningDataModule):
             sampler.set_epoch(sampler.resume_at[0])
         workers = 0 if self.data.in_memory else self.config.data.num_workers
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
-                          persistent_workers=workers > 0)
+                          persistent_workers=workers > 0, multiprocessing_context=worker_start_method(workers))
 
 
 class ThroughputSummary(Callback):

@@ -82,6 +82,7 @@ from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, load_run
 from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, ModelConfig, RunConfig  # noqa: F401 (FinetuneConfig re-exported)
 from .data import BatchMIMAugment, DataError, build_labelled_splits
+from .data.common import worker_start_method
 from .encoder import ViTEncoder, pool_features, training_attention
 from .engine import (GlobalBatchSampler, NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
                      write_summary)
@@ -394,12 +395,12 @@ class FinetuneData(L.LightningDataModule):
         sampler = GlobalBatchSampler(len(self.splits.train), self.settings.batch_size, self.settings.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(self.splits.train, batch_sampler=sampler, num_workers=self.workers,
-                          persistent_workers=self.workers > 0)
+                          persistent_workers=self.workers > 0, multiprocessing_context=worker_start_method(self.workers))
 
     def evaluation_loader(self, dataset) -> DataLoader:
         # Every process evaluates the whole split: exact, and the split is small next to training.
         return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False, num_workers=self.workers,
-                          persistent_workers=False)
+                          persistent_workers=False, multiprocessing_context=worker_start_method(self.workers))
 
     def val_dataloader(self) -> DataLoader:
         return self.evaluation_loader(self.splits.val)

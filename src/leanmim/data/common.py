@@ -7,6 +7,7 @@ photo taken sideways is read the way it is shown, not as stored.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import tempfile
 import uuid
@@ -165,6 +166,22 @@ class SkipLog:
         if get_worker_info() is not None:
             with open(self._log, "a") as f:
                 f.write(name + "\n")
+
+
+def worker_start_method(num_workers: int) -> str | None:
+    """How a DataLoader's worker processes start: ``"forkserver"`` inside an initialised process group, else
+    the default (``None``: fork on Linux).
+
+    Why: under torchrun the communication threads of a process group create and delete Python thread states,
+    and a worker forked while one of them holds the interpreter's thread-state lock hangs in CPython 3.11's
+    ``PyOS_AfterFork_Child`` for ever (seen once in this project's DDP test, the rank then waited on its worker).
+    A forkserver worker is forked from a single-threaded server instead; the price is a fresh import of torch
+    per worker start, which is small next to a distributed epoch. Single-process runs keep the fast fork.
+    """
+    if (num_workers > 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and "forkserver" in multiprocessing.get_all_start_methods()):
+        return "forkserver"
+    return None
 
 
 def _remove_owned(path: str, owner_pid: int) -> None:

@@ -46,7 +46,7 @@ from braceexpand import braceexpand
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import DataError, SkipLog, image_mode, load_image, one_line
+from .common import DataError, SkipLog, image_mode, load_image, one_line, worker_start_method
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "leanmim-shards/1"
@@ -254,7 +254,8 @@ class _EpochLoader(DataLoader):
 
     def __init__(self, stream: ShardStream, num_workers: int, epoch: Callable[[], int],
                  resume_at: tuple[int, int] | None):
-        super().__init__(stream, batch_size=None, num_workers=num_workers)
+        super().__init__(stream, batch_size=None, num_workers=num_workers,
+                         multiprocessing_context=worker_start_method(num_workers))
         self._epoch, self._resume_at = epoch, resume_at
 
     def __iter__(self):
