@@ -175,11 +175,13 @@ def worker_start_method(num_workers: int) -> str | None:
     Why: under torchrun the communication threads of a process group create and delete Python thread states,
     and a worker forked while one of them holds the interpreter's thread-state lock hangs in CPython 3.11's
     ``PyOS_AfterFork_Child`` for ever (seen once in this project's DDP test, the rank then waited on its worker).
-    A forkserver worker is forked from a single-threaded server instead; the price is a fresh import of torch
-    per worker start, which is small next to a distributed epoch. Single-process runs keep the fast fork.
+    A forkserver worker is forked from a single-threaded server instead, which has imported ``leanmim.data``
+    (and torch) once, so a worker start costs about what a fork does. Single-process runs keep the fork.
     """
     if (num_workers > 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
             and "forkserver" in multiprocessing.get_all_start_methods()):
+        # the server imports the data code (and torch) once, so a worker start does not (no effect if it runs)
+        multiprocessing.set_forkserver_preload(["leanmim.data"])
         return "forkserver"
     return None
 
