@@ -22,7 +22,7 @@ from leanmim.finetune import evaluate_finetuned
 
 def decide_and_report(path: Path) -> dict:
     started = time.perf_counter()
-    plain_val, flip_val = evaluate_finetuned(path, "val"), evaluate_finetuned(path, "val", hflip=True)
+    plain_val, flip_val = evaluate_finetuned(path, "val", hflip=False), evaluate_finetuned(path, "val", hflip=True)
     chosen = "hflip" if flip_val > plain_val else "plain"
     test = evaluate_finetuned(path, "test", hflip=chosen == "hflip")
     return {"finetuning": str(path), "val_top1_plain": plain_val, "val_top1_hflip": flip_val, "chosen": chosen,

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import lightning as L
+import numpy as np
 import pytest
 import timm
 import torch
@@ -401,3 +402,50 @@ def test_evaluate_finetuned_reproduces_the_recorded_figures_and_averages_mirror_
     assert evaluate_finetuned(out, "val", hflip=True) == pytest.approx((votes.argmax(1) == labels).float().mean().item())
     with pytest.raises(Exception, match="split must be 'val' or 'test'"):
         evaluate_finetuned(out, "train")
+
+
+def make_mirror_classes(root):
+    """Two classes that are each other's mirror image: a bright 6 × 6 square at columns 2-7 or at 8-13 (16 px)."""
+    rng = np.random.default_rng(1)
+    root.mkdir()
+    for split, count in (("train", 128), ("t10k", 64)):
+        labels = rng.integers(0, 2, count)
+        pictures = rng.integers(0, 60, (count, 16, 16))
+        for picture, label in zip(pictures, labels):
+            picture[2:8, 2 + 6 * label:8 + 6 * label] += 180
+        write_idx(root / f"{split}-images-idx3-ubyte.gz", pictures)
+        write_idx(root / f"{split}-labels-idx1-ubyte.gz", labels)
+    return root
+
+
+def test_eval_hflip_validates_selects_and_tests_with_mirror_averaging(pretrained, tmp_path):
+    """On classes that are each other's mirror image, mirror averaging must wreck what the plain evaluation gets
+    right; --eval-hflip changes what is measured (every recorded figure), never what is trained."""
+    from leanmim.finetune import evaluate_finetuned
+
+    data, settings = str(make_mirror_classes(tmp_path / "mirrored")), dict(UNINTERRUPTED, hflip=False)
+    plain = api.finetune(pretrained, out=str(tmp_path / "plain"), data=data, **settings)
+    flip = api.finetune(pretrained, out=str(tmp_path / "flip"), data=data, eval_hflip=True, **settings)
+    plain_last, flip_last = (classifier_state(tmp_path / name / "checkpoints/last.ckpt") for name in ("plain", "flip"))
+    assert all(torch.equal(plain_last[key], flip_last[key]) for key in plain_last)      # the same training
+    assert plain["selected_val_top1"] >= 0.9 and plain["last_test_top1"] >= 0.9
+    assert max(entry["val_top1"] for entry in flip["history"]) <= 0.8 and flip["last_test_top1"] <= 0.8
+    assert flip["settings"]["eval_hflip"] is True and load_finetuned(tmp_path / "flip").settings.eval_hflip
+    assert flip["selected_val_top1"] == evaluate_finetuned(tmp_path / "flip", "val")     # None: as fine-tuned
+    assert flip["selected_val_top1"] == evaluate_finetuned(tmp_path / "flip", "val", hflip=True)
+    assert flip["selected_test_top1"] == evaluate_finetuned(tmp_path / "flip", "test")
+    # the flip run's selected checkpoint evaluated plain: the plain run's figure for that epoch
+    selected = flip["selected_epoch"]
+    assert evaluate_finetuned(tmp_path / "flip", "val", hflip=False) == plain["history"][selected - 1]["val_top1"]
+
+
+def test_a_run_recorded_before_eval_hflip_existed_still_resumes(pretrained, finetuned, tmp_path):
+    out = tmp_path / "older"
+    api.finetune(pretrained, out=str(out), callbacks=[StopAfterEpoch(2)], **UNINTERRUPTED)
+    record = json.loads((out / "run.json").read_text())
+    del record["identity"]["eval_hflip"]           # what an older leanmim wrote
+    (out / "run.json").write_text(json.dumps(record))
+    with pytest.raises(Exception, match=r"eval_hflip: False -> True"):
+        api.finetune(pretrained, out=str(out), eval_hflip=True, **UNINTERRUPTED)
+    resumed = api.finetune(pretrained, out=str(out), **UNINTERRUPTED)
+    assert resumed["resumed_from"] and resumed["history"] == finetuned["history"]

@@ -48,6 +48,10 @@ def test_identity_differences_name_every_field():
     old = {"train.seed": 0, "model.depth": 2, "data.fingerprint": "3 files, ab"}
     new = {"train.seed": 1, "model.depth": 2, "data.fingerprint": "4 files, cd", "train.extra": None}
     assert identity_differences(old, new) == ["data.fingerprint: 3 files, ab -> 4 files, cd", "train.seed: 0 -> 1"]
+    # a field added later (ADDED_FIELDS) compares as its old value when a stored identity lacks it, else as none
+    assert identity_differences({"epochs": 4}, {"epochs": 4, "eval_hflip": False}) == []
+    assert identity_differences({"epochs": 4}, {"epochs": 4, "eval_hflip": True}) == ["eval_hflip: False -> True"]
+    assert identity_differences({"epochs": 4}, {"epochs": 4, "pool": "mean"}) == ["pool: none -> mean"]
 
 
 def test_data_fingerprint_tracks_files_and_sizes(tmp_path):

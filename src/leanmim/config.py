@@ -392,6 +392,8 @@ class FinetuneConfig:
                                          "timm .pth/.safetensors, transformers directory); architecture from the file")
     crop_min_scale: float | None = option(None, "smallest RandomResizedCrop area (default: 0.08 from 128 px up, else 0.5)")
     hflip: bool = option(True, "random horizontal flips")
+    eval_hflip: bool = option(False, "test-time mirror averaging: validate and test on the mean softmax of each image and "
+                              "its mirror image, so the epoch is also selected with it (off: the MAE protocol)")
     grad_clip: float | None = option(None, "clip the gradient norm to this value")
     precision: str = option("auto", "bf16 (mixed), 32, or auto = bf16 where the hardware supports it",
                             choices=("auto", "bf16", "32"))

@@ -305,7 +305,8 @@ class FinetuneModule(L.LightningModule):
         images, labels = batch
         if self.eval_transform is not None:
             images = self.eval_transform(images)
-        self._correct += int((self.evaluated(images).argmax(1) == labels).sum())
+        scores = class_scores(self.evaluated, images, self.settings.eval_hflip)
+        self._correct += int((scores.argmax(1) == labels).sum())
         self._seen += labels.numel()
 
     def on_validation_epoch_end(self) -> None:
@@ -461,12 +462,20 @@ def load_finetuned(path: str | Path) -> FinetunedRun:
     return FinetunedRun(config, settings, classifier.eval(), checkpoint_path, results)
 
 
-def evaluate_finetuned(path: str | Path, split: str = "val", hflip: bool = False, batch_size: int = 256) -> float:
+def class_scores(classifier: nn.Module, images: Tensor, mirror: bool) -> Tensor:
+    """(B, K) scores whose arg-max is the prediction for images (B, C, S, S): the logits, or with ``mirror``
+    (test-time augmentation) the sum of the softmax of each image and of its mirror image."""
+    if not mirror:
+        return classifier(images)
+    return classifier(images).float().softmax(-1) + classifier(images.flip(-1)).float().softmax(-1)
+
+
+def evaluate_finetuned(path: str | Path, split: str = "val", hflip: bool | None = None, batch_size: int = 256) -> float:
     """Top-1 of a fine-tuning's selected classifier on its own ``split`` ('val' or 'test'), rebuilt exactly as the
     fine-tuning carved it (same data, validation fraction, split seed, label subset) and evaluated in its precision.
 
-    ``hflip``: test-time augmentation — the softmax of each image and of its mirror image are averaged before the
-    arg-max. Decide on it with ``split='val'``; the test split is for reporting the protocol chosen there.
+    ``hflip``: test-time augmentation (:func:`class_scores` with ``mirror``); None: as the fine-tuning validated
+    (``--eval-hflip``). Decide on it with ``split='val'``; the test split is for reporting the protocol chosen there.
     """
     if split not in ("val", "test"):
         raise ConfigError(f"split must be 'val' or 'test', got '{split}'")
@@ -482,10 +491,8 @@ def evaluate_finetuned(path: str | Path, split: str = "val", hflip: bool = False
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         for images, labels in DataLoader(dataset, batch_size=batch_size):
             images = normalize(images) if normalize is not None else images
-            probabilities = run.classifier(images).float().softmax(-1)
-            if hflip:
-                probabilities = probabilities + run.classifier(images.flip(-1)).float().softmax(-1)
-            correct += int((probabilities.argmax(1) == labels).sum())
+            scores = class_scores(run.classifier, images, settings.eval_hflip if hflip is None else hflip)
+            correct += int((scores.argmax(1) == labels).sum())
             seen += labels.numel()
     return correct / seen
 

@@ -38,6 +38,9 @@ OPERATIONAL_FIELDS = frozenset({
     "out", "accelerator", "devices", "log_every_steps", "progress_bar", "data", "extend", "overwrite",
     "keep_checkpoints", "checkpoint_every_steps",
 })
+# Identity fields added after runs were first recorded, with the value every older run had in effect: a stored
+# identity without one of them compares as this value, so older run directories still resume.
+ADDED_FIELDS = {"eval_hflip": False}
 # Fields ``--extend`` may change (a longer schedule).
 EXTENDABLE_FIELDS = frozenset({"train.epochs", "train.max_steps", "epochs", "max_steps"})
 
@@ -125,10 +128,15 @@ def show(value: Any) -> str:
 
 
 def identity_differences(old: dict[str, Any], new: dict[str, Any], ignore: Iterable[str] = ()) -> list[str]:
-    """``["field: old -> new", …]`` for every field that differs (absent counts as none)."""
+    """``["field: old -> new", …]`` for every field that differs (absent counts as none, except that a field of
+    ``ADDED_FIELDS`` absent from ``old`` counts as its value there)."""
     skip = set(ignore)
-    return [f"{key}: {show(old.get(key))} -> {show(new.get(key))}"
-            for key in sorted(set(old) | set(new)) if key not in skip and old.get(key) != new.get(key)]
+
+    def before(key: str) -> Any:
+        return old[key] if key in old else ADDED_FIELDS.get(key)
+
+    return [f"{key}: {show(before(key))} -> {show(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if key not in skip and before(key) != new.get(key)]
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any] | None:
