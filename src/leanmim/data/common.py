@@ -180,8 +180,7 @@ def worker_start_method(num_workers: int) -> str | None:
     """
     if (num_workers > 0 and torch.distributed.is_available() and torch.distributed.is_initialized()
             and "forkserver" in multiprocessing.get_all_start_methods()):
-        # the server imports the data code (and torch) once, so a worker start does not (no effect if it runs)
-        multiprocessing.set_forkserver_preload(["leanmim.data"])
+        multiprocessing.set_forkserver_preload(["leanmim.data"])   # no effect once the server runs
         return "forkserver"
     return None
 
