@@ -58,10 +58,12 @@ def test_data_fingerprint_tracks_files_and_sizes(tmp_path):
     (tmp_path / "a").mkdir()
     (tmp_path / "a" / "x.png").write_bytes(b"12345")
     first = data_fingerprint(str(tmp_path))
+    stamp = (tmp_path / "a" / "x.png").stat().st_mtime_ns
     assert first.startswith("1 files, ")
     (tmp_path / "a" / "x.png").write_bytes(b"123456")  # same name, other size
     assert data_fingerprint(str(tmp_path)) != first
     (tmp_path / "a" / "x.png").write_bytes(b"12345")
+    os.utime(tmp_path / "a" / "x.png", ns=(stamp, stamp))  # the same file again (sizes and mtimes are compared)
     assert data_fingerprint(str(tmp_path)) == first
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import json
 import os
 import sys
@@ -23,6 +24,9 @@ class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise ConfigError(f"{message} (see '{self.prog} --help')")
 
+
+VERBOSE_HELP = ("show every message of the libraries (Lightning, torch) as they print it; by default leanmim "
+                "prints its start summary and one progress line")
 
 # Model width/depth fields that `leanmim cost` takes as flags (over the named preset).
 SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
@@ -126,8 +130,8 @@ def command_probe(args) -> int:
         print(json.dumps(report))
     else:
         print(f"{report['features']} ({report['num_train']} train / {report['num_test']} test images, "
-              f"{report['feature_dim']}-d features): kNN top-1 {100 * report['knn_top1']:.2f}%  "
-              f"linear top-1 {100 * report['linear_top1']:.2f}%")
+              f"{report['feature_dim']}-d features): kNN top-1 {100 * report['knn_top1']:.2f}%"
+              + (f"  linear top-1 {100 * report['linear_top1']:.2f}%" if report['linear_top1'] is not None else ""))
     return 0
 
 
@@ -144,8 +148,19 @@ def command_export(args) -> int:
     return 0
 
 
+def check_positive(args, names: Sequence[str], command: str) -> None:
+    """One line for a size flag given as 0 or less (``--img-size 0`` must not count the default 224 px)."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
+            raise ConfigError(f"{command} --{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
 def command_cost(args) -> int:
     from . import api
+    check_positive(args, ("img_size", "patch_size", "in_chans", *SIZE_FIELDS), "cost")
+    if args.token_drop is not None and not 0.0 <= args.token_drop < 1.0:
+        raise ConfigError(f"cost --token-drop must lie in [0, 1), got {args.token_drop}")
     options = {}
     for item in args.option or []:
         if "=" not in item:
@@ -176,10 +191,16 @@ def command_cost(args) -> int:
 
 
 def command_methods(args) -> int:
+    from .config import MODEL_PRESETS, TIMM_EXAMPLES, TIMM_NAMES
     listing = catalogue.listing()
     if args.json:
         print(json.dumps(listing, default=str))
         return 0
+    print("models (--model):")
+    for name, preset in MODEL_PRESETS.items():
+        print(f"    {name:<30} {preset['embed_dim']} wide, {preset['depth']} blocks, {preset['num_heads']} heads, "
+              f"patch {preset['patch_size']} (exports as timm {TIMM_NAMES[name]})")
+    print(f"    or any timm name that builds a plain ViT, e.g. {', '.join(TIMM_EXAMPLES)}\n")
     for name, entry in listing.items():
         print(f"{name}: {entry['summary']}")
         for option, meta in entry["options"].items():
@@ -220,6 +241,7 @@ def parse_method_options(items: list[str] | None) -> dict[str, dict[str, str]]:
 
 def command_bench(args) -> int:
     from . import api
+    check_positive(args, ("img_size", "patch_size", "in_chans"), "bench")
     from .bench import format_bench_table
     model = dataclasses.asdict(RunConfig.load_yaml(args.config).model) if args.config else {}
     given = {"name": args.model, "img_size": args.img_size, "patch_size": args.patch_size, "in_chans": args.in_chans}
@@ -261,6 +283,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
     parser = OneLineParser(prog="leanmim", description="Masked image modeling pretraining for ViTs at low compute.")
     parser.add_argument("--version", action="version", version=f"leanmim {__version__}")
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     pretrain = commands.add_parser("pretrain", help="pretrain an encoder (resumes a run found in --out)")
@@ -366,12 +389,82 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     shard.add_argument("--overwrite", action="store_true", help="replace shards and manifest already in --out")
     shard.add_argument("--json", action="store_true", help="print the manifest as JSON")
     shard.set_defaults(handler=command_shard)
+    add_use_commands(commands)
+    for subparser in commands.choices.values():  # also after the command: `leanmim pretrain ... --verbose`
+        subparser.add_argument("--verbose", action="store_true", default=argparse.SUPPRESS, help=VERBOSE_HELP)
     return parser
+
+
+def add_use_commands(commands) -> None:
+    """predict, status, runs (and embed): the commands that use a trained model or read a run."""
+    predict = commands.add_parser("predict", help="classify images with a fine-tuning's selected classifier (CSV)")
+    predict.add_argument("finetuning", help="fine-tuning output directory or checkpoint")
+    predict.add_argument("--data", required=True, help="directory of images (recursive) or one image file")
+    predict.add_argument("--out", required=True, help="CSV file to write (image, class_1, probability_1, ...)")
+    predict.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first [5, at most "
+                                                              "the number of classes]")
+    predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass [64]")
+    predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    predict.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    predict.set_defaults(handler=command_predict)
+
+    status = commands.add_parser("status", help="where a pretraining or fine-tuning run stands")
+    status.add_argument("run", help="run directory (the --out of pretrain or finetune)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=command_status)
+
+    runs = commands.add_parser("runs", help="one status line per run below a directory")
+    runs.add_argument("directory", help="directory that holds runs, e.g. runs/")
+    runs.add_argument("--json", action="store_true", help="print one JSON list")
+    runs.set_defaults(handler=command_runs)
+
+
+def command_predict(args) -> int:
+    from . import api
+    result = api.predict(args.finetuning, args.data, args.out, top_k=args.top_k, batch_size=args.batch_size,
+                         overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"predicted {result['rows']} images ({result['skipped']} unreadable, skipped) into {result['out']}")
+    return 0
+
+
+def command_status(args) -> int:
+    from . import api
+    from .status import format_status
+    result = api.status(args.run)
+    print(json.dumps(result) if args.json else format_status(result))
+    return 0
+
+
+def command_runs(args) -> int:
+    from . import api
+    from .status import format_status
+    found = api.runs(args.directory)
+    if args.json:
+        print(json.dumps(found))
+    else:
+        print("\n".join(format_status(status) for status in found) or f"no runs below {args.directory}")
+    return 0
 
 
 def one_line(text: str, limit: int = 400) -> str:
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def worker_error(message: str) -> str | None:
+    """The original error of a DataLoader worker (``Caught X in DataLoader worker process N. Original Traceback
+    ...``): its last line without the exception's module path, e.g. ``DataError: none of the ... could be read``."""
+    if "in DataLoader worker process" not in message or "Original Traceback" not in message:
+        return None
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    last = lines[-1] if lines else ""
+    name, _, text = last.partition(": ")
+    if name.endswith("DataError"):
+        return text
+    return f"{name.rsplit('.', 1)[-1]}: {text} (while loading data in a worker process: did the data change during the run?)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -381,6 +474,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv = list(sys.argv[1:] if argv is None else argv)
         command = next((arg for arg in argv if not arg.startswith("-")), "")
         args = build_parser(only=command).parse_args(argv)
+        if getattr(args, "verbose", False):  # read by leanmim.console, here and in DDP / loader child processes
+            os.environ["LEANMIM_VERBOSE"] = "1"
         return args.handler(args)
     except ConfigError as err:
         print(f"leanmim: error: {one_line(err)}", file=sys.stderr)
@@ -403,6 +498,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
             print("leanmim: error: out of memory: lower --batch-size (or --max-memory-gb for the data)", file=sys.stderr)
+            return 2
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC or "file write failed" in str(err):
+            print(f"leanmim: error: no space left on the device while writing"
+                  f"{' ' + repr(err.filename) if getattr(err, 'filename', None) else ''} (torch: file write failed): the "
+                  f"previous checkpoint is intact; free disk space (or point --out elsewhere), then rerun to resume",
+                  file=sys.stderr)
+            return 2
+        worker = worker_error(str(err))
+        if worker is not None:  # an error inside a DataLoader worker arrives as a flattened traceback: its last line
+            print(f"leanmim: error: {one_line(worker)}", file=sys.stderr)
             return 2
         if isinstance(err, OSError) and getattr(err, "filename", None):
             print(f"leanmim: error: {err.strerror or type(err).__name__}: '{err.filename}'", file=sys.stderr)

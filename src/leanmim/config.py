@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 import warnings
@@ -43,14 +44,109 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
+
+
+class _TimmNames(dict):
+    """Preset -> the timm model it exports to; a timm plain-ViT name (``--model vit_base_patch16_224``) maps to
+    itself."""
+
+    def __missing__(self, name: str) -> str:
+        if name in self.values() or timm_vit_architecture(name, check=False) is not None:
+            return name
+        raise KeyError(name)
+
+    def __contains__(self, name: object) -> bool:
+        return dict.__contains__(self, name) or (isinstance(name, str) and name in self.values()) or (
+            isinstance(name, str) and timm_vit_architecture(name, check=False) is not None)
+
+
 # The timm model each preset exports to (``timm.create_model`` name).
-TIMM_NAMES = {
+TIMM_NAMES = _TimmNames({
     "vit_tiny_patch16": "vit_tiny_patch16_224",
     "vit_small_patch16": "vit_small_patch16_224",
     "vit_base_patch16": "vit_base_patch16_224",
     "vit_large_patch16": "vit_large_patch16_224",
     "vit_huge_patch14": "vit_huge_patch14_224",
-}
+})
+# timm names checked to build a plain ViT (tests/test_first_contact.py); any other plain one is accepted too.
+TIMM_EXAMPLES = ("vit_tiny_patch16_224", "vit_small_patch16_224", "vit_base_patch16_224", "vit_large_patch16_224",
+                 "vit_huge_patch14_224", "vit_base_patch32_224", "vit_base_patch16_384", "deit_tiny_patch16_224",
+                 "deit_small_patch16_224", "deit_base_patch16_224")
+MODEL_HELP = (f"encoder: a preset ({', '.join(MODEL_PRESETS)}) or a timm name that builds a plain ViT (patch "
+              f"embedding, blocks, absolute positions), e.g. {', '.join(TIMM_EXAMPLES[2:3] + TIMM_EXAMPLES[7:8])}; "
+              f"its width, depth, heads, MLP ratio, patch and image size are taken, no weights downloaded")
+
+_TIMM_CACHE: dict[str, dict[str, Any] | str] = {}
+
+
+def timm_vit_architecture(name: str, check: bool = True) -> dict[str, Any] | None:
+    """The architecture of timm model ``name`` as ModelConfig fields (patch_size, embed_dim, depth, num_heads,
+    mlp_ratio, img_size, in_chans), read from the model timm builds on the meta device (no weights, no download).
+
+    A name timm does not know, or a model that is not a plain ViT (leanmim's encoder: patch embedding, pre-norm
+    blocks with a plain MLP, a class token and absolute position embeddings), raises a one-line ConfigError
+    (``check``) or returns None.
+    """
+    if name not in _TIMM_CACHE:
+        _TIMM_CACHE[name] = _read_timm_vit(name)
+    found = _TIMM_CACHE[name]
+    if isinstance(found, str):
+        if check:
+            raise ConfigError(found)
+        return None
+    return dict(found)
+
+
+def _read_timm_vit(name: str) -> dict[str, Any] | str:
+    """The architecture dict, or the reason (one line) why ``name`` is not usable."""
+    import timm
+    import torch
+    from timm.layers import Attention, Mlp, PatchEmbed
+    from timm.models.vision_transformer import Block, VisionTransformer
+
+    presets = ", ".join(MODEL_PRESETS)
+    if not timm.is_model(name):
+        return (f"unknown model '{name}': choose a preset ({presets}) or a timm ViT name such as "
+                f"vit_base_patch16_224 or deit_tiny_patch16_224 (see 'leanmim methods')")
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False)
+    except Exception as err:  # noqa: BLE001 - any failure of timm's constructor is one line
+        return f"--model {name}: timm could not build it ({type(err).__name__}: {str(err).splitlines()[0][:120]})"
+    why = None
+    if type(model) is not VisionTransformer:
+        why = f"it is a {type(model).__name__}, not timm's plain VisionTransformer"
+    elif model.pos_embed is None or getattr(model, "no_embed_class", False):
+        why = "it has no absolute position embedding over the class token and patches"
+    elif model.cls_token is None or getattr(model, "num_reg_tokens", 0):
+        why = "it has no class token, or has register tokens"
+    elif type(model.patch_embed) is not PatchEmbed or not isinstance(model.patch_embed.norm, torch.nn.Identity):
+        why = "its patch embedding is not a plain convolution"
+    elif not isinstance(model.norm_pre, torch.nn.Identity):
+        why = "it normalises the tokens before the blocks (CLIP-style)"
+    else:
+        block = model.blocks[0]
+        if not all(type(b) is Block for b in model.blocks) or type(block.attn) is not Attention:
+            why = "its blocks are not plain ViT blocks"
+        elif not isinstance(block.ls1, torch.nn.Identity) or not isinstance(block.attn.q_norm, torch.nn.Identity):
+            why = "its blocks use layer scale or q/k normalisation"
+        elif type(block.mlp) is not Mlp or not isinstance(block.mlp.act, torch.nn.GELU) or block.attn.qkv.bias is None:
+            why = "its blocks use another MLP (SwiGLU, ...) or no qkv bias"
+        elif not isinstance(block.norm1, torch.nn.LayerNorm):
+            why = "its blocks use another normalisation than LayerNorm"
+    if why:
+        return (f"--model {name} is not a plain ViT ({why}); leanmim's encoder is one: use a preset ({presets}) "
+                f"or e.g. vit_base_patch16_224, deit_tiny_patch16_224")
+    patch = model.patch_embed.patch_size
+    height, width = model.patch_embed.img_size
+    if patch[0] != patch[1]:
+        return f"--model {name} has non-square patches {patch[0]}x{patch[1]}: leanmim's patches are square"
+    block = model.blocks[0]
+    return {"patch_size": int(patch[0]), "embed_dim": int(model.embed_dim), "depth": len(model.blocks),
+            "num_heads": int(block.attn.num_heads),
+            "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
+            "in_chans": int(model.patch_embed.proj.in_channels),
+            **({"img_size": int(height)} if height == width else {})}  # non-square: the data's size or 224
 
 
 def default_decoder(embed_dim: int) -> dict[str, int]:
@@ -66,7 +162,7 @@ def default_decoder(embed_dim: int) -> dict[str, int]:
 
 @dataclass
 class ModelConfig:
-    name: str = option("vit_tiny_patch16", "encoder preset", cli="model", choices=tuple(MODEL_PRESETS))
+    name: str = option("vit_tiny_patch16", MODEL_HELP, cli="model")
     img_size: int | None = option(None, "input image size in pixels (default: the data's native size, else 224)")
     patch_size: int | None = option(None, "patch size in pixels (default: the preset's)")
     in_chans: int | None = option(None, "image channels, 1 or 3 (default: the data's)")
@@ -81,14 +177,18 @@ class ModelConfig:
 
     def resolved(self, native_img_size: int | None = None, native_chans: int | None = None) -> "ModelConfig":
         """Fill the ``None`` fields from the preset and the data, and validate the geometry."""
-        if self.name not in MODEL_PRESETS:
-            raise ConfigError(f"unknown model '{self.name}': choose one of {', '.join(MODEL_PRESETS)}")
-        preset = MODEL_PRESETS[self.name]
+        preset: dict[str, Any] = dict(MODEL_PRESETS.get(self.name) or model_from_timm_name(self.name))
         values = dataclasses.asdict(self)
         for key, default in preset.items():
+            if key in ("img_size", "in_chans", "mlp_ratio"):
+                continue  # a timm name's image size and channels are defaults below the user's and the data's
             if values[key] is None:
                 values[key] = default
-        values["img_size"] = values["img_size"] or native_img_size or 224
+        if "mlp_ratio" in preset and self.mlp_ratio == 4.0:  # the field's default: the timm model's ratio
+            values["mlp_ratio"] = preset["mlp_ratio"]
+        values["img_size"] = values["img_size"] or native_img_size or preset.get("img_size") or 224
+        if "in_chans" in preset and values["in_chans"] is None and native_chans is None:
+            values["in_chans"] = preset["in_chans"]
         values["in_chans"] = values["in_chans"] or native_chans or 3
         values.update({key: value for key, value in default_decoder(values["embed_dim"]).items() if values[key] is None})
         model = ModelConfig(**values)
@@ -236,6 +336,12 @@ class TrainConfig:
             raise ConfigError(f"devices must be a positive number or 'auto', got '{self.devices}'")
         if self.num_nodes < 1:
             raise ConfigError(f"num_nodes must be at least 1, got {self.num_nodes}")
+        if self.num_nodes > 1 and not launched_by_cluster():
+            raise ConfigError(f"--num-nodes {self.num_nodes} needs a launcher that starts one process per device on "
+                              f"every node (torchrun --nnodes {self.num_nodes} ..., or srun under SLURM); started "
+                              f"alone it would wait for the other nodes for ever")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be 0 or more, got {self.seed}")
         for name in ("checkpoint_every_epochs", "checkpoint_every_steps", "log_every_steps"):
             if getattr(self, name) < 0 or (name == "log_every_steps" and getattr(self, name) == 0):
                 raise ConfigError(f"{name} must be {'positive' if name == 'log_every_steps' else '0 or more'}, "
@@ -245,6 +351,33 @@ class TrainConfig:
         if self.strategy == "fsdp":
             warnings.warn("--strategy fsdp is passed to Lightning untested: sharded parameters with the EMA teachers "
                           "(pcae, ddae) and leanmim's checkpoints are not verified; --strategy ddp is tested")
+
+
+def launched_by_cluster() -> bool:
+    """Whether this process was started by torchrun (``WORLD_SIZE``, ``TORCHELASTIC_RUN_ID``) or by SLURM's srun
+    (``SLURM_NTASKS`` and ``SLURM_PROCID``): the launchers Lightning detects for multi-node runs."""
+    env = os.environ
+    return "TORCHELASTIC_RUN_ID" in env or "WORLD_SIZE" in env or ("SLURM_NTASKS" in env and "SLURM_PROCID" in env)
+
+
+def as_user_meant(path: str | None) -> str | None:
+    """A path the user typed, made absolute against the current directory when it names something on disk (or a
+    shard pattern in an existing directory), so that a run's ``config.yaml`` works from any directory; names such
+    as ``fashion-mnist`` and URLs are kept as typed. ``~`` is expanded."""
+    if path is None or "://" in str(path):
+        return path
+    expanded = os.path.expanduser(str(path))
+    parent = os.path.dirname(expanded)
+    if os.path.exists(expanded) or (parent and os.path.isdir(parent)):
+        return os.path.abspath(expanded)
+    return path
+
+
+def model_from_timm_name(name: str) -> dict[str, Any]:
+    """ModelConfig defaults for a timm plain-ViT name (see :func:`timm_vit_architecture`); one-line error else."""
+    if not isinstance(name, str) or not name.strip():
+        raise ConfigError(f"--model is empty: choose a preset ({', '.join(MODEL_PRESETS)}) or a timm ViT name")
+    return timm_vit_architecture(name)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
@@ -278,7 +411,18 @@ class RunConfig:
         return cls(method=str(values.get("method", "mae")), options=dict(options), **sections)
 
     def save_yaml(self, path: Path) -> None:
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write atomically (a kill leaves the old file or the new one), and only when the text changes: a
+        truncated or hand-damaged ``config.yaml`` is repaired by the next start of the run."""
+        from .run import atomic_write_text
+
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        path = Path(path)
+        try:
+            if path.is_file() and not path.is_symlink() and path.read_text() == text:
+                return
+        except (OSError, UnicodeDecodeError):
+            pass
+        atomic_write_text(path, text)
 
     @classmethod
     def load_yaml(cls, path: str | Path) -> "RunConfig":
@@ -286,12 +430,52 @@ class RunConfig:
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
-            values = yaml.safe_load(path.read_text())
+            values = yaml.load(path.read_text(), Loader=BoundedLoader)
+        except AliasBomb as err:
+            raise ConfigError(f"config file '{path}' {err}: write the values out instead of through aliases") from None
         except yaml.YAMLError as err:
             where = getattr(err, "problem_mark", None)
             line = f" (line {where.line + 1})" if where is not None else ""
             raise ConfigError(f"config file '{path}' is not valid YAML{line}: fix the syntax") from None
         return cls.from_dict(values or {}, source=str(path))
+
+
+MAX_YAML_NODES = 100_000  # nodes of a config once its aliases are expanded (a real config has a few hundred)
+
+
+class AliasBomb(Exception):
+    """A YAML document whose aliases expand beyond MAX_YAML_NODES nodes, or refer to themselves."""
+
+
+class BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a document whose aliases expand past MAX_YAML_NODES nodes (a "billion
+    laughs" bomb composes in microseconds as shared nodes, then explodes when the values are walked) or form a
+    cycle. The expanded size is counted over the node graph once per distinct node (linear time)."""
+
+    def get_single_node(self):
+        node = super().get_single_node()
+        if node is not None:
+            _expanded_size(node, {}, set())
+        return node
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], active: set[int]) -> int:
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in active:
+        raise AliasBomb("holds an alias that refers to itself")
+    active.add(key)
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(item, sizes, active) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, active) + _expanded_size(v, sizes, active) for k, v in node.value)
+    active.discard(key)
+    if size > MAX_YAML_NODES:
+        raise AliasBomb(f"expands to more than {MAX_YAML_NODES} values through YAML aliases (an alias bomb?)")
+    sizes[key] = size
+    return size
 
 
 def field_type(annotation: Any) -> type:
@@ -424,7 +608,7 @@ class FinetuneConfig:
             raise ConfigError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
         if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale must lie in (0, 1], got {self.crop_min_scale}")
-        if self.mixup < 0 or self.cutmix < 0:
+        if not (math.isfinite(self.mixup) and math.isfinite(self.cutmix) and self.mixup >= 0 and self.cutmix >= 0):
             raise ConfigError(f"mixup and cutmix are Beta alphas: 0 (off) or positive, got {self.mixup}, {self.cutmix}")
         if not 0.0 <= self.random_erasing <= 1.0:
             raise ConfigError(f"random_erasing is a probability in [0, 1], got {self.random_erasing}")
@@ -446,6 +630,12 @@ class FinetuneConfig:
         if self.crop_min_scale is not None:
             return self.crop_min_scale
         return 0.08 if img_size >= 128 else 0.5
+
+    def validate(self) -> None:
+        """The checks pretraining makes on the shared settings (learning rates, weight decay, warmup, grad clip,
+        accelerator, devices, seed), made before anything is read or written. Not in ``__post_init__``: a stored
+        fine-tuning made on a GPU must still load for evaluation on a CPU."""
+        self.train_config(Path(self.out or ".")).validate()
 
     def train_config(self, out: Path) -> TrainConfig:
         """The engine's view of these settings (for ``build_trainer`` and ``lightning_precision``)."""

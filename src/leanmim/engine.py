@@ -7,6 +7,7 @@ survive resumption and do not depend on the number of processes, and a NaN/inf g
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -18,20 +19,23 @@ from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader, Sampler
 
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, checkpoint_step, newest_checkpoint, read_checkpoint
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, as_user_meant
 from .encoder import training_attention
+from .console import quiet
 from .data import MIMData, ShardSource, build_pretrain_data, default_channels, default_img_size
 from .data.common import worker_start_method
 from .methods import MIMMethod, build_method, build_options
 from .methods.base import options_to_dict
-from .run import (RUN_FILE, atomic_write_text, check_run_directory, data_fingerprint, dumps_strict, identity_of,
+from .run import (RUN_FILE, RunLock, is_launcher_rank_zero, atomic_write_text, check_run_directory, data_fingerprint, dumps_strict, has_checkpoint,
+                  identity_of,
                   remove_stale_temporaries, temporary_path, write_run_file)
 from .tokens import BatchRandom
 
@@ -43,9 +47,13 @@ class NonFiniteLossError(RuntimeError):
 class TrainingInterrupted(Exception):
     """Training stopped on a signal (Ctrl-C, SIGTERM, SIGUSR1) after saving a checkpoint at the current step."""
 
-    def __init__(self, signum: int, step: int, checkpoint: str | None):
+    def __init__(self, signum: int, step: int, checkpoint: str | None, at_once: bool = False):
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
         name = signal.Signals(signum).name
+        if at_once:
+            super().__init__(f"interrupted by a second {name}: stopped at once, nothing saved; rerun the same "
+                             f"command to resume from the last checkpoint")
+            return
         saved = f"checkpoint saved at step {step} ({checkpoint})" if checkpoint else "no step was completed"
         super().__init__(f"interrupted by {name}: {saved}; rerun the same command to resume")
 
@@ -77,7 +85,9 @@ def resolve_config(config: RunConfig) -> RunConfig:
     train = config.train
     if train.out is None:
         train = type(train)(**{**train.__dict__, "out": f"runs/{config.method}-{model.name}"})
-    return RunConfig(config.method, model, config.data, train, options)
+    # stored absolute in config.yaml, so that --config RUN/config.yaml works from any directory
+    data = dataclasses.replace(config.data, path=as_user_meant(config.data.path))
+    return RunConfig(config.method, model, data, train, options)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -171,7 +181,9 @@ class PretrainModule(L.LightningModule):
         if not torch.isfinite(output.loss):
             raise NonFiniteLossError(
                 f"loss became {output.loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                f"the last good checkpoint is untouched: lower --base-lr or set --grad-clip, then rerun to resume")
+                f"the last good checkpoint is untouched. These settings are part of the run's identity, so start a new "
+                f"run from it: the same command with another --out, a lower --base-lr or a --grad-clip, and "
+                f"--init-from {self.config.train.out}/checkpoints/last.ckpt")
         now = time.perf_counter()
         if self._last_step_time is not None:
             count = len(images[0] if isinstance(images, list) else images)  # a list: whole images and their sizes
@@ -212,6 +224,8 @@ class PretrainModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # total_steps: the schedule's length, so that a probe or fine-tune can tell a finished pretraining from a stopped one
         checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict(), "total_steps": self.total_steps}
+        if getattr(self, "run_identity", None) is not None:  # the run's identity survives a deleted run.json
+            checkpoint["leanmim"]["identity"] = self.run_identity
         checkpoint["leanmim_rng"] = {"torch": torch.get_rng_state()}  # drop path / dropout draws continue exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -347,8 +361,8 @@ class StopOnSignal(Callback):
         self._previous: dict[int, Any] = {}
 
     def _handler(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.received is not None and signum == signal.SIGINT:  # leanmim's line, not Lightning's exit(1)
+            raise TrainingInterrupted(signum, 0, None, at_once=True)
         self.received = signum
 
     def on_train_start(self, trainer, pl_module) -> None:
@@ -367,6 +381,10 @@ class StopOnSignal(Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         self._restore()
+        # arrived after the last training batch (a fine-tune's last validation): stop before its test evaluation;
+        # a pretraining that has trained every step is finished and ends normally
+        if self.received is not None and not isinstance(pl_module, PretrainModule):
+            raise TrainingInterrupted(self.received, trainer.global_step, save_resume_point(trainer))
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
@@ -399,9 +417,11 @@ def build_loggers(names: str, run_dir: Path) -> list:
     loggers = []
     for name in dict.fromkeys(chosen):
         if name == "csv":
-            loggers.append(CSVLogger(run_dir, name="logs"))
+            # version "": one log per run (logs/metrics.csv), appended to by every resume instead of a new version_N
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            loggers.append(CSVLogger(run_dir, name="logs", version=""))
         elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir, name="tensorboard"))
+            loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
         elif name == "wandb":
             from lightning.pytorch.loggers import WandbLogger
             loggers.append(WandbLogger(name=run_dir.name, save_dir=str(run_dir), project="leanmim",
@@ -411,7 +431,74 @@ def build_loggers(names: str, run_dir: Path) -> list:
             loggers.append(MLFlowLogger(experiment_name="leanmim", run_name=run_dir.name,
                                         tracking_uri=os.environ.get("MLFLOW_TRACKING_URI",
                                                                     (run_dir / "mlruns").resolve().as_uri())))
-    return loggers
+    return [*loggers, ProgressLogger(run_dir)]
+
+
+class ProgressLogger(Logger):
+    """Keeps ``RUN_DIR/summary.json``'s ``progress`` entry current for ``leanmim status``: written when training
+    starts, at every logging step (at most every 2 s) and at the end — process id and host, step, total steps,
+    epoch, last loss, img/s, steps/s and the state (running, stopped, failed). Lightning hands each logger the
+    module once at the start (``log_graph``), which gives the schedule's length. Global rank zero only."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir, self.module, self.progress = Path(run_dir), None, {}
+        self._written_at = 0.0
+        self._first: tuple[float, int] | None = None   # (time, step) of the first logged step of this session
+
+    @property
+    def name(self) -> str:
+        return "progress"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_graph(self, model, input_array=None) -> None:
+        import socket
+
+        self.module = model
+        self.progress = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._write(force=True)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = time.time()
+        step = int(step if step is not None else 0) + 1   # Lightning logs step s for the (s + 1)-th optimizer step
+        if self._first is None:
+            self._first = (now, step)
+        elif step > self._first[1]:
+            self.progress["steps_per_second"] = round((step - self._first[1]) / (now - self._first[0]), 4)
+        loss = metrics.get("loss_step", metrics.get("loss"))
+        if loss is not None:
+            self.progress["loss"] = float(loss)
+        if metrics.get("img_per_s") is not None:
+            self.progress["images_per_second"] = round(float(metrics["img_per_s"]), 1)
+        self.progress["step"] = max(step, self.progress.get("step", 0))
+        self._write()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.progress["state"] = "stopped" if status == "success" else status
+        self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        if not force and time.time() - self._written_at < 2.0:
+            return
+        module = self.module
+        if module is not None and getattr(module, "_trainer", None) is not None:
+            self.progress.update(step=max(int(module.global_step), self.progress.get("step", 0)),
+                                 epoch=int(module.current_epoch), total_steps=int(getattr(module, "total_steps", 0)))
+        self.progress["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._written_at = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(self.run_dir, {"progress": dict(self.progress)})
 
 
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = ()) -> L.Trainer:
@@ -420,15 +507,16 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback
                                   keep=train.keep_checkpoints, every_n_steps=train.checkpoint_every_steps)
     loggers = build_loggers(train.logger, run_dir)
     all_callbacks = [checkpointing, StopOnSignal(), *callbacks]
-    if train.progress_bar:
-        all_callbacks.append(TQDMProgressBar(refresh_rate=max(1, train.log_every_steps)))
+    if train.progress_bar:  # leanmim's one line for the whole run (console.py), not Lightning's bar per epoch
+        from .console import RunProgress
+        all_callbacks.append(RunProgress(every_steps=train.log_every_steps))
     devices: Any = int(train.devices) if str(train.devices).isdigit() else train.devices
     return L.Trainer(
         accelerator=train.accelerator, devices=devices, num_nodes=train.num_nodes, strategy=train.strategy,
         precision=lightning_precision(config), max_epochs=train.epochs if train.max_steps <= 0 else -1,
         max_steps=train.max_steps, accumulate_grad_batches=train.accumulate_grad_batches,
         gradient_clip_val=train.grad_clip, logger=loggers, callbacks=all_callbacks,
-        log_every_n_steps=train.log_every_steps, enable_progress_bar=train.progress_bar,
+        log_every_n_steps=train.log_every_steps, enable_progress_bar=False,
         use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
         default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
 
@@ -450,27 +538,44 @@ def legacy_identity(run_dir: Path, world_size: int) -> dict[str, Any] | None:
     newest = newest_checkpoint(run_dir / CHECKPOINT_DIR, warn=False)
     if newest is None:
         return None
-    stored = RunConfig.from_dict(read_checkpoint(newest)["leanmim"]["config"], source=str(newest))
+    entry = read_checkpoint(newest)["leanmim"]
+    if isinstance(entry.get("identity"), dict):  # written with the identity (data fingerprint included)
+        return entry["identity"]
+    stored = RunConfig.from_dict(entry["config"], source=str(newest))
     return pretrain_identity(stored, world_size, None)
 
 
+@quiet()  # leanmim's own lines only (console.py; --verbose shows the libraries' too)
 def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Pretrain ``config.method``; resumes the run found in ``config.train.out`` when its identity matches.
 
     Returns the run summary (also written to ``RUN_DIR/summary.json``). A rerun of a finished run changes
     nothing and returns the stored summary. Raises :class:`TrainingInterrupted` after a signal (checkpoint saved).
+    One writer per run directory: the launching process (global rank 0) holds ``RUN_DIR/.lock`` throughout.
     """
     config = resolve_config(config)
+    lock = RunLock(config.train.out) if is_launcher_rank_zero() else None
+    try:
+        return _pretrain(config, callbacks, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock | None") -> dict[str, Any]:
     run_dir = Path(config.train.out)
     throughput = ThroughputSummary()
     trainer = build_trainer(config, run_dir, [throughput, *callbacks])  # writes nothing yet
-    identity = pretrain_identity(config, trainer.world_size, data_fingerprint(config.data.path))
+    identity = pretrain_identity(config, trainer.world_size, data_fingerprint(config.data.path, exclude=[run_dir]))
     record = None
     if trainer.is_global_zero:  # one process decides; under torchrun the others start at the same time
         record = check_run_directory(run_dir, "pretrain", identity, config.train.extend,
                                      legacy_identity(run_dir, trainer.world_size))
         remove_stale_temporaries(run_dir / CHECKPOINT_DIR)
     resume_from = newest_checkpoint(run_dir / CHECKPOINT_DIR)
+    if resume_from is None and has_checkpoint(run_dir):  # never restart from step 0 over the user's checkpoints
+        raise ConfigError(f"every checkpoint in '{run_dir / CHECKPOINT_DIR}' is unreadable (truncated or corrupt): "
+                          f"nothing to resume from; restore one, or choose another --out for a new run")
     initial_weights = None
     if resume_from is None and config.train.init_from:  # a fresh run: read and check them before writing anything
         from .weights import check_init_from, read_weights
@@ -486,19 +591,25 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
     optimizer_steps_per_epoch = max(1, batches_per_epoch // config.train.accumulate_grad_batches)
     total_steps = (config.train.max_steps if config.train.max_steps > 0
                    else config.train.epochs * optimizer_steps_per_epoch)
+    if batches_per_epoch == 0:  # checked before anything is recorded: the corrected command must not be "another run"
+        raise ConfigError(f"the data has {len(data.dataset)} images per epoch, fewer than one global batch of "
+                          f"{per_process}: lower --batch-size"
+                          + (" or raise --samples-per-epoch" if isinstance(data.dataset, ShardSource) else ""))
     if resume_from is not None and (checkpoint_step(resume_from) or 0) >= total_steps:
         summary_path = run_dir / "summary.json"  # finished: change no file
+        if lock is not None:
+            lock.release_untouched()
         stored = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
         return {**stored, "run_dir": str(run_dir), "already_finished": True}
 
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
-        if record is None or record.get("identity") != identity:  # new run, legacy run or --extend
+        if record is None or record.get("legacy") or record.get("identity") != identity:  # new, legacy, --extend
             write_run_file(run_dir, "pretrain", identity,
                            {"data_path": str(Path(config.data.path).expanduser().resolve())
                             if Path(config.data.path).expanduser().exists() else config.data.path,
                             "world_size": trainer.world_size, "batch_size_per_process": config.train.batch_size})
-            config.save_yaml(run_dir / "config.yaml")
+        config.save_yaml(run_dir / "config.yaml")  # atomic; rewritten when damaged (only if its text differs)
 
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = PretrainModule(config, data.batch_transform)
@@ -510,7 +621,14 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
         module.method = torch.compile(module.method)
     module.batches_per_epoch = batches_per_epoch
     module.total_steps = total_steps
+    module.run_identity = identity
 
+    if trainer.is_global_zero:
+        from .console import emit, pretrain_summary_rows, start_summary
+        emit(start_summary(pretrain_summary_rows(config, module.method, data, trainer, optimizer_steps_per_epoch,
+                                                 total_steps, resume_from,
+                                                 checkpoint_step(resume_from) if resume_from else None),
+                           title=f"leanmim {__version__}: pretraining"))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

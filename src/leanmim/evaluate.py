@@ -272,7 +272,7 @@ def linear_probe_accuracy(
 @dataclass
 class ProbeResult:
     knn_top1: float
-    linear_top1: float
+    linear_top1: float | None  # None with linear_epochs 0
     num_train: int
     num_test: int
     feature_dim: int
@@ -315,7 +315,8 @@ def probe(
     # kNN and the linear probe run where the features were computed (extract_features returns them on CPU)
     tr_x, tr_y, te_x, te_y = (t.to(device) for t in (tr_x, tr_y, te_x, te_y))
     knn = knn_accuracy(tr_x, tr_y, te_x, te_y, num_classes, k=k, temperature=temperature)
-    lin = linear_probe_accuracy(tr_x, tr_y, te_x, te_y, num_classes, epochs=linear_epochs, seed=seed)
+    lin = (linear_probe_accuracy(tr_x, tr_y, te_x, te_y, num_classes, epochs=linear_epochs, seed=seed)
+           if linear_epochs > 0 else None)  # 0: kNN only, no linear figure
     return ProbeResult(
         knn_top1=knn,
         linear_top1=lin,

@@ -80,6 +80,7 @@ from torch.utils.data import DataLoader
 
 from . import __version__
 from .checkpoint import CHECKPOINT_DIR, LAST_CHECKPOINT, find_checkpoint, load_run
+from .console import quiet
 from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, ModelConfig, RunConfig  # noqa: F401 (FinetuneConfig re-exported)
 from .data import BatchMIMAugment, DataError, build_labelled_splits
 from .data.common import worker_start_method
@@ -105,9 +106,15 @@ def initial_encoder(loaded, from_scratch: bool, seed: int) -> nn.Module:
 def prepare_encoder(encoder: nn.Module, drop_path: float, pool: str = "mean") -> nn.Module:
     """Make a pretrained encoder fine-tunable in place: drop path rising linearly from 0 (first block) to
     ``drop_path`` (last block) in ``encoder.blocks``; for ``pool='mean'`` the final norm is removed (``fc_norm``
-    replaces it after pooling, as timm's ``global_pool='avg'``), for ``cls`` and ``tokens`` it is kept."""
+    replaces it after pooling, as timm's ``global_pool='avg'``), for ``cls`` and ``tokens`` it is kept.
+    The absolute position table (a fixed buffer during pretraining) becomes a trained parameter, as in MAE's
+    fine-tuning (timm's learnable ``pos_embed``, no weight decay, the patch embedding's layer-decay group)."""
     if not hasattr(encoder, "norm") or not hasattr(encoder, "blocks"):
         raise ConfigError(f"the {type(encoder).__name__} encoder has no 'norm' and 'blocks': it cannot be fine-tuned")
+    table = encoder._buffers.get("pos_embed")
+    if table is not None:
+        del encoder._buffers["pos_embed"]
+        encoder.pos_embed = nn.Parameter(table.detach().clone())
     if pool == "mean":
         encoder.norm = nn.Identity()
     rates = torch.linspace(0, drop_path, len(encoder.blocks)).tolist()
@@ -254,6 +261,8 @@ class FinetuneModule(L.LightningModule):
         self.batches_per_epoch = 1
         self.history: list[dict[str, Any]] = []   # one entry per validated epoch
         self.data_description: dict[str, Any] = {}
+        self.class_names: list[str] = []           # label i's name (folder / shard classes), set by finetune()
+        self.eval_crop_pct: float = 1.0            # evaluation view: image side / resized shorter side
         self.on_epoch_evaluated = None            # callback(module) after each validation (writes the JSON)
         self.eval_split = "val"
         self.last_eval_top1: float | None = None
@@ -358,6 +367,7 @@ class FinetuneModule(L.LightningModule):
             "version": __version__, "config": self.run_config.to_dict(),
             "finetune": {"settings": dataclasses.asdict(self.settings), "source": self.source,
                          "num_classes": self.classifier.head.out_features, "pool": self.classifier.pool,
+                         "class_names": list(self.class_names), "eval_crop_pct": self.eval_crop_pct,
                          "weights": "ema" if self.ema is not None else "trained", **self.data_description,
                          **self.results()}}
 
@@ -459,6 +469,15 @@ def load_finetuned(path: str | Path) -> FinetunedRun:
                           f"classifier: it was written by another version") from None
     results = {key: entry["finetune"].get(key) for key in ("selected_epoch", "selected_val_top1", "history")}
     results["global_step"] = int(checkpoint.get("global_step", 0))
+    recorded = finetune_data_stats(checkpoint_path, "class_names") or []
+    names = entry["finetune"].get("class_names") or recorded
+    if len(names) != classifier.head.out_features:   # a fine-tuning made before class names were kept
+        names = [str(i) for i in range(classifier.head.out_features)]
+        warnings.warn(f"'{checkpoint_path}' records no class names (an older fine-tuning): classes are named by "
+                      f"their index 0..{len(names) - 1}; rerun 'leanmim finetune' to keep the folder's names")
+    results["class_names"] = list(names)
+    results["eval_crop_pct"] = float(entry["finetune"].get("eval_crop_pct")
+                                     or finetune_data_stats(checkpoint_path, "eval_crop_pct") or 1.0)
     return FinetunedRun(config, settings, classifier.eval(), checkpoint_path, results)
 
 
@@ -521,7 +540,8 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
         stats = finetune_data_stats(loaded.checkpoint_path)   # timm's pretrained_cfg: input size, mean/std
         metadata["pretrained_cfg"] = json.dumps(timm_pretrained_cfg(
             loaded.config.model, stats.get("mean"), stats.get("std"),
-            0 if classifier.pool == "tokens" else classifier.head.out_features))
+            0 if classifier.pool == "tokens" else classifier.head.out_features, loaded.results["eval_crop_pct"],
+            None if classifier.pool == "tokens" else loaded.results["class_names"]))
     else:
         state = {name: tensor.detach().float().contiguous().clone() for name, tensor in encoder.state_dict().items()}
         architecture = encoder.architecture() if hasattr(encoder, "architecture") else {}
@@ -542,7 +562,10 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
         metadata.update(head_classes=num_classes, head_input="token_head applies to forward_features(x)[:, 1:]"
                         ".flatten(1): the patch tokens (B, L, D) after the final norm, cls excluded, row-major "
                         "grid order")
+    metadata["class_names"] = json.dumps(loaded.results["class_names"])
     out = Path(out)
+    if out.suffix != ".safetensors":
+        return write_finetuned_folder(loaded, state, metadata, out)
     out.parent.mkdir(parents=True, exist_ok=True)
     from .run import publish, temporary_path
 
@@ -555,11 +578,48 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
     return out
 
 
-def finetune_data_stats(checkpoint_path: Path) -> dict[str, Any]:
-    """The fine-tuning data's mean/std recorded in ``OUT/finetune.json`` ({} when absent)."""
+def write_finetuned_folder(loaded: FinetunedRun, state: dict[str, Tensor], metadata: dict[str, Any], out: Path) -> Path:
+    """A timm ``local-dir`` folder: ``model.safetensors``, ``config.json`` (architecture, ``model_args``, and the
+    ``pretrained_cfg`` with ``label_names``, ``crop_pct``/``crop_mode``, mean/std) and a model card ``README.md``:
+    ``timm.create_model("local-dir:OUT", pretrained=True)`` gives the classifier with its labels."""
+    from .modelcard import write_model_card
+    from .run import atomic_write_text
+    from .weights import TIMM_NAMES, timm_model_args, write_safetensors
+
+    classifier = loaded.classifier
+    if not isinstance(classifier.encoder, ViTEncoder) or classifier.pool == "tokens":
+        raise ConfigError("a --pool tokens (or relative-position) classifier has no timm counterpart: export it to a "
+                          "FILE.safetensors (the metadata describes its layout)")
+    model = loaded.config.model
+    pretrained_cfg = json.loads(metadata["pretrained_cfg"])
+    args = timm_model_args(model, finetuned=classifier.pool == "mean")
+    args.update(global_pool=TIMM_GLOBAL_POOL[classifier.pool], num_classes=classifier.head.out_features)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, out / "model.safetensors", metadata)
+    config = {"architecture": TIMM_NAMES[model.name], "num_classes": classifier.head.out_features,
+              "num_features": model.embed_dim, "global_pool": args["global_pool"], "model_args": args,
+              "label_names": loaded.results["class_names"], "pretrained_cfg": pretrained_cfg}
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    write_model_card(out, loaded.checkpoint_path, "timm", classifier=True)
+    return out
+
+
+def eval_crop_pct(splits, img_size: int) -> float:
+    """The evaluation view as timm's ``crop_pct`` (crop side / resized shorter side): folders and folder shards are
+    resized to stored_size(img_size) (8/7) and centre-cropped; idx data (and shards of it) only resized (1.0)."""
+    from .data import stored_size
+
+    transform = splits.batch_transform
+    if transform is not None and getattr(transform, "crop_size", None) is None:
+        return 1.0
+    return img_size / stored_size(img_size)
+
+
+def finetune_data_stats(checkpoint_path: Path, key: str = "data_stats") -> Any:
+    """The fine-tuning data's mean/std (or another ``key``) recorded in ``OUT/finetune.json`` ({} when absent)."""
     results = checkpoint_path.parent.parent / RESULTS_FILE
     try:
-        return json.loads(results.read_text()).get("data_stats") or {}
+        return json.loads(results.read_text()).get(key) or {}
     except (OSError, ValueError):
         return {}
 
@@ -591,7 +651,7 @@ def check_finetune_resume(out: Path, identity: dict[str, Any], extend: bool = Fa
     holds anything else (another fine-tuning, other data or settings, a user's files, an older leanmim's
     test-selected fine-tuning) — the rule of :func:`leanmim.run.check_run_directory`."""
     from .checkpoint import newest_checkpoint
-    from .run import check_run_directory, remove_stale_temporaries
+    from .run import check_run_directory, has_checkpoint, remove_stale_temporaries
 
     last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if out.is_dir() and not (out / "run.json").is_file() and last.is_file():
@@ -601,7 +661,11 @@ def check_finetune_resume(out: Path, identity: dict[str, Any], extend: bool = Fa
                               f"split every epoch): choose another --out")
     check_run_directory(out, "finetune", identity, extend)
     remove_stale_temporaries(out / CHECKPOINT_DIR)
-    return newest_checkpoint(out / CHECKPOINT_DIR, warn=True) if (out / CHECKPOINT_DIR).is_dir() else None
+    newest = newest_checkpoint(out / CHECKPOINT_DIR, warn=True) if (out / CHECKPOINT_DIR).is_dir() else None
+    if newest is None and has_checkpoint(out):  # never restart from epoch 0 over the user's checkpoints
+        raise ConfigError(f"every checkpoint in '{out / CHECKPOINT_DIR}' is unreadable (truncated or corrupt): nothing "
+                          f"to resume from; restore one, or choose another --out for a new fine-tuning")
+    return newest
 
 
 def labelled_data(data: str, img_size: int, in_chans: int, val_fraction: float, split_seed: int,
@@ -624,6 +688,7 @@ def finetune_splits(settings: FinetuneConfig, data: str, model: ModelConfig):
                          settings.labels_per_class, settings.label_fraction)
 
 
+@quiet()  # leanmim's own lines only (console.py; --verbose shows the libraries' too)
 def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, callbacks=()) -> dict[str, Any]:
     """Fine-tune the encoder of a pretraining run (directory or checkpoint); resumes from ``OUT/checkpoints/last.ckpt``.
 
@@ -632,6 +697,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     the run's ``summary.json``).
     """
     settings = settings or FinetuneConfig()
+    settings.validate()  # before anything is read or written
     if (run is None) == (settings.init_from is None):
         raise ConfigError("finetune starts from a pretraining run or from --init-from WEIGHTS: pass exactly one")
     if run is None:  # published weights without a leanmim run (weights.py: any layout --init-from reads)
@@ -681,6 +747,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     module = FinetuneModule(classifier, settings, loaded.config, str(loaded.checkpoint_path), train_transform,
                             splits.batch_transform)
     module.data_description = {"validation": subsets.val_source, **subsets.counts()}
+    module.class_names, module.eval_crop_pct = list(splits.class_names), eval_crop_pct(splits, model.img_size)
     best_path = out / CHECKPOINT_DIR / BEST_CHECKPOINT
     trainer = build_trainer(trainer_config, out, [KeepSelected(best_path), *callbacks])
     module.batches_per_epoch = len(subsets.train) // (settings.batch_size * trainer.world_size)
@@ -689,7 +756,8 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     def describe(current: FinetuneModule) -> dict[str, Any]:
         return {"source": str(loaded.checkpoint_path), "source_global_step": loaded.global_step,
                 "source_pretraining_finished": loaded.unfinished is None, "method": loaded.config.method, "model": model.name,
-                "data": data, "out": str(out), "num_classes": splits.num_classes, "pool": settings.pool,
+                "data": data, "out": str(out), "num_classes": splits.num_classes, "class_names": list(splits.class_names),
+                "eval_crop_pct": module.eval_crop_pct, "pool": settings.pool,
                 "token_drop": settings.token_drop, **current.data_description,
                 "data_stats": {"mean": list(splits.mean), "std": list(splits.std)},
                 "settings": dataclasses.asdict(settings), "precision": lightning_precision(trainer_config),

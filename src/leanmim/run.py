@@ -19,7 +19,9 @@ import hashlib
 import json
 import math
 import os
+import warnings
 from pathlib import Path
+from stat import S_ISREG
 from typing import Any, Iterable
 
 from .config import ConfigError
@@ -47,11 +49,16 @@ EXTENDABLE_FIELDS = frozenset({"train.epochs", "train.max_steps", "epochs", "max
 
 # ----------------------------------------------------------------------------- data fingerprint
 
-def data_fingerprint(path: str) -> str:
-    """A cheap content fingerprint of a data source: ``"<N> files, <hash>"`` over sorted relative paths and sizes.
+def data_fingerprint(path: str, exclude: Iterable[str | Path] = ()) -> str:
+    """A cheap content fingerprint of a data source: ``"<N> files, <hash>"`` over sorted relative paths, sizes and
+    modification times (``st_mtime_ns``) of the files the run reads.
 
-    Fashion-MNIST: its idx files. A directory: every file below it (recursively). Anything else (e.g. a
-    shard pattern or URL): the string itself, plus the sizes of the local files it names.
+    Fashion-MNIST: its idx files. A directory: every regular, non-hidden file below it (recursively, each real
+    directory once, so symlink cycles end), except those under ``exclude`` (the run's own directory when
+    ``--out`` lies inside ``--data``): a ``.DS_Store`` appearing or the run's own checkpoints change nothing, an
+    image replaced by another of the same size changes the fingerprint (its mtime; contents are not hashed, which
+    would read the whole data set at every start — copies that keep mtimes, ``cp -a`` / ``rsync -a``, still match).
+    Anything else (e.g. a shard pattern or URL): the string itself, plus the sizes of the local files it names.
     """
     from .data import FASHION_MNIST_ALIASES, FASHION_MNIST_DIR
 
@@ -59,12 +66,12 @@ def data_fingerprint(path: str) -> str:
     digest = hashlib.sha1()
     count = 0
     if root.is_dir():
-        for entry in sorted(_walk_files(root)):
-            relative, size = entry
-            digest.update(f"{relative}\0{size}\n".encode())
+        for relative, size, mtime in sorted(_walk_files(root, exclude)):
+            digest.update(f"{relative}\0{size}\0{mtime}\n".encode())
             count += 1
     elif root.is_file():
-        digest.update(f"{root.name}\0{root.stat().st_size}\n".encode())
+        info = root.stat()
+        digest.update(f"{root.name}\0{info.st_size}\0{info.st_mtime_ns}\n".encode())
         count = 1
     else:
         digest.update(str(path).encode())
@@ -75,16 +82,32 @@ def data_fingerprint(path: str) -> str:
     return f"{count} files, {digest.hexdigest()[:16]}"
 
 
-def _walk_files(root: Path) -> Iterable[tuple[str, int]]:
+def _walk_files(root: Path, exclude: Iterable[str | Path] = ()) -> Iterable[tuple[str, int, int]]:
+    """(relative path, size, mtime_ns) of every regular, non-hidden file below ``root``; each real directory is
+    entered once (symlink cycles end), FIFOs and devices are never opened, ``exclude`` directories are skipped."""
+    skip = {os.path.realpath(item) for item in exclude}
+    seen: set[tuple[int, int]] = set()
     for directory, subdirs, files in os.walk(root, followlinks=True):
-        subdirs.sort()
+        try:
+            info = os.stat(directory)
+        except OSError:
+            subdirs.clear()
+            continue
+        if (info.st_dev, info.st_ino) in seen or os.path.realpath(directory) in skip:
+            subdirs.clear()
+            continue
+        seen.add((info.st_dev, info.st_ino))
+        subdirs[:] = sorted(name for name in subdirs if not name.startswith("."))
         for name in files:
+            if name.startswith("."):
+                continue
             full = os.path.join(directory, name)
             try:
-                size = os.path.getsize(full)
+                stat = os.stat(full)
             except OSError:
                 continue
-            yield os.path.relpath(full, root), size
+            if S_ISREG(stat.st_mode):
+                yield os.path.relpath(full, root), stat.st_size, stat.st_mtime_ns
 
 
 def _expand_braces(pattern: str) -> list[str]:
@@ -169,11 +192,12 @@ def check_run_directory(run_dir: Path, kind: str, identity: dict[str, Any], exte
         raise ConfigError(f"{flag} '{run_dir}' is a file, not a directory: choose a new directory for {flag}")
     if not run_dir.exists():
         return None
+    remove_stale_temporaries(run_dir)  # a kill between mkdir and run.json leaves .run.json.tmp-PID: not the user's
     record = read_run_file(run_dir)
     if record is None:
         if legacy_identity is not None:
             record = {"kind": kind, "identity": legacy_identity, "legacy": True}
-        elif any(run_dir.iterdir()):
+        elif any(entry.name != LOCK_FILE for entry in run_dir.iterdir()):
             raise ConfigError(f"{flag} '{run_dir}' exists, is not empty and is not a leanmim {kind} run: "
                               f"choose a new or empty directory (nothing was written there)")
         else:
@@ -190,6 +214,10 @@ def check_run_directory(run_dir: Path, kind: str, identity: dict[str, Any], exte
     if not differences:
         return record
     blocking = [d for d in differences if d.split(":", 1)[0] not in EXTENDABLE_FIELDS]
+    if not has_checkpoint(run_dir):  # a start that failed before its first checkpoint: nothing to resume or lose
+        warnings.warn(f"{flag} '{run_dir}' holds a {kind} run that never wrote a checkpoint: its record is replaced "
+                      f"by this run's settings ({len(differences)} differ, e.g. {differences[0]})")
+        return None
     if extend and not blocking:
         _check_longer(stored, identity, run_dir)
         return record
@@ -197,6 +225,12 @@ def check_run_directory(run_dir: Path, kind: str, identity: dict[str, Any], exte
             + ("" if blocking else "; to train this run longer, add --extend (the warmup-cosine learning-rate "
                                    "schedule is recomputed over the new length)"))
     raise ConfigError(f"{flag} '{run_dir}' holds a different {kind} run ({'; '.join(differences)}): {ways}")
+
+
+def has_checkpoint(run_dir: Path) -> bool:
+    """Whether ``run_dir/checkpoints`` holds any ``*.ckpt`` file (readable or not)."""
+    directory = run_dir / CHECKPOINT_DIR
+    return directory.is_dir() and any(directory.glob("*.ckpt"))
 
 
 def _check_longer(stored: dict[str, Any], new: dict[str, Any], run_dir: Path) -> None:
@@ -219,6 +253,9 @@ def write_run_file(run_dir: Path, kind: str, identity: dict[str, Any], facts: di
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
     """Validate a file a command is about to write; one-line ConfigError when it must not be written."""
     path = Path(path)
+    if path.is_symlink():  # a dangling link passes exists(); writing through a link would change the user's file
+        raise ConfigError(f"{flag} '{path}' is a symbolic link (to '{os.readlink(path)}'): leanmim never writes "
+                          f"through links, even with --overwrite; remove the link or choose another name")
     if str(path).strip() == "" or path.name in ("", ".", ".."):
         raise ConfigError(f"{flag} '{path}' is not a file name: pass a path such as out{suffixes[0] if suffixes else ''}")
     if path.is_dir():
@@ -298,11 +335,104 @@ def publish(tmp: Path, path: Path) -> None:
 
 
 def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete ``.NAME.tmp-PID`` files a killed write left behind in ``directory``; returns them."""
+    """Delete ``.NAME.tmp-PID`` files a killed write left behind in ``directory`` (those of this process, or of a
+    PID no longer alive on this host; a live writer's are left alone); returns them."""
     removed = []
     if directory.is_dir():
         for candidate in directory.glob(f".*{TMP_MARKER}*"):
-            if candidate.is_file():
+            if candidate.is_file() and not candidate.is_symlink() and not _writer_alive(candidate):
                 candidate.unlink(missing_ok=True)
                 removed.append(candidate)
     return removed
+
+
+def _writer_alive(temporary: Path) -> bool:
+    """Whether the process named by a ``.NAME.tmp-PID`` file's PID still runs (and is not this one)."""
+    pid_text = temporary.name.rsplit(TMP_MARKER, 1)[-1]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------- one writer per directory
+
+LOCK_FILE = ".lock"
+
+
+class RunLock:
+    """An exclusive OS lock (``fcntl.flock``) on ``DIR/.lock``, which names its holder (``pid``, ``host``).
+
+    The kernel releases it when the process ends, however it ends (kill -9 included): a stale ``.lock`` file
+    left behind blocks nothing. Released explicitly by :meth:`release` (or at the end of a ``with`` block).
+    """
+
+    def __init__(self, directory: str | Path, flag: str = "--out"):
+        import fcntl
+        import socket
+
+        self.directory = Path(directory).expanduser()
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ConfigError(f"{flag} '{self.directory}' is a file, not a directory: choose a new directory for {flag}")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / LOCK_FILE
+        self._existed = self.path.is_file()
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = self._holder()
+            os.close(self._fd)
+            self._fd = None
+            raise ConfigError(f"{flag} '{self.directory}' is in use by another leanmim process ({holder}): wait for "
+                              f"it to end, or choose another {flag}") from None
+        self._previous = (os.read(self._fd, 4096), os.fstat(self._fd)) if self._existed else None
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        os.ftruncate(self._fd, 0)
+        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+
+    def release_untouched(self) -> None:
+        """Release, leaving ``.lock`` as it was before (a rerun of a finished run changes no file)."""
+        if self._fd is None:
+            return
+        if self._previous is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            content, stat = self._previous
+            os.lseek(self._fd, 0, os.SEEK_SET)
+            os.ftruncate(self._fd, 0)
+            os.write(self._fd, content)
+            os.utime(self._fd, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        self.release()
+
+    def _holder(self) -> str:
+        try:
+            with open(self.path) as handle:
+                record = json.loads(handle.read() or "{}")
+            return f"PID {record['pid']} on host {record['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "its PID and host are not written yet"
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)   # closing the descriptor drops the flock
+            self._fd = None
+
+    def __enter__(self) -> "RunLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def is_launcher_rank_zero() -> bool:
+    """True outside a launcher, and on global rank 0 under torchrun / SLURM (before any process group exists)."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "0").strip() not in ("", "0"):
+            return False
+    return True

@@ -28,7 +28,8 @@ MAX_ASPECT = 2.0                  # in memory, the longer side is kept up to thi
 
 
 def iter_image_files(root: str):
-    """Image files under ``root`` in sorted order (recursive, follows links, skips hidden entries)."""
+    """Image files under ``root`` in sorted order (recursive, follows links, each real directory once, skips hidden
+    entries and anything that is not a regular file: FIFOs, sockets, devices)."""
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         real = os.path.realpath(dirpath)
@@ -38,8 +39,10 @@ def iter_image_files(root: str):
         seen.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in sorted(filenames):
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(dirpath, name)
+            # regular files only (os.path.isfile follows links): a FIFO named x.png would block its reader for ever
+            path = os.path.join(dirpath, name)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and os.path.isfile(path):
+                yield path
 
 
 def list_images(root: str) -> list[str]:

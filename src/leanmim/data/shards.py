@@ -35,6 +35,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -79,6 +80,32 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     return manifest
 
 
+MAX_SHARDS = 1_000_000  # names one pattern may expand to (ImageNet-21k at 1000 samples a shard: ~14 000)
+
+
+def expand_pattern(pattern: str, data: str, check_local: bool = True) -> list[str]:
+    """The names of a brace pattern, expanded lazily: a local name that does not exist stops the expansion at once
+    (a pattern of 10^8 names is refused at its first missing shard, not after listing them all); more than
+    MAX_SHARDS names are refused."""
+    ranges = list(re.finditer(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}", pattern))
+    names = math.prod(abs(int(m.group(2)) - int(m.group(1))) + 1 for m in ranges)
+    if names > MAX_SHARDS:  # braceexpand lists a numeric range whole before yielding its first name
+        first = re.sub(r"\{(-?\d+)\.\.(-?\d+)(?:\.\.-?\d+)?\}", lambda m: m.group(1), pattern)
+        if check_local and not first.startswith(URL_SCHEMES) and "{" not in first and not os.path.isfile(first):
+            raise DataError(f"shard '{first}' (the first name of the pattern '{data}') does not exist, and the pattern "
+                            f"names {names} shards: check the pattern's range against the files")
+        raise DataError(f"'{data}' names {names} shards, more than {MAX_SHARDS}: check the brace pattern's range")
+    urls = []
+    for number, url in enumerate(braceexpand(pattern)):
+        if number >= MAX_SHARDS:
+            raise DataError(f"'{data}' names more than {MAX_SHARDS} shards: check the brace pattern's range")
+        if check_local and not url.startswith(URL_SCHEMES) and not os.path.isfile(url):
+            raise DataError(f"shard '{url}' (name {number + 1} of the pattern '{data}') does not exist: check the "
+                            f"pattern's range against the files, or write shards with leanmim shard")
+        urls.append(url)
+    return urls
+
+
 @dataclass
 class ShardSpec:
     """Shards named by ``--data``: their URLs per split, and the manifest when there is one."""
@@ -105,7 +132,7 @@ def open_shards(data: str, check_local: bool = True) -> ShardSpec:
             counts[split] = int(entry["count"])
         spec = ShardSpec(data, splits, manifest, counts)
     else:
-        urls = list(braceexpand(path))
+        urls = expand_pattern(path, data, check_local)
         directory = os.path.dirname(urls[0]) if not data.startswith(URL_SCHEMES) else ""
         manifest = read_manifest(directory) if directory and os.path.isdir(directory) else None
         counts = {}
