@@ -6,12 +6,13 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from leanmim.config import ConfigError
-from leanmim.engine import build_loggers
+from leanmim.engine import ProgressLogger, build_loggers
 
 
 def test_logger_names_select_lightning_loggers(tmp_path):
-    assert [type(x) for x in build_loggers("csv,tensorboard", tmp_path)] == [CSVLogger, TensorBoardLogger]
-    assert [type(x) for x in build_loggers(" CSV ", tmp_path)] == [CSVLogger]
+    # every run also gets the ProgressLogger that keeps summary.json's progress entry current (leanmim status)
+    assert [type(x) for x in build_loggers("csv,tensorboard", tmp_path)] == [CSVLogger, TensorBoardLogger, ProgressLogger]
+    assert [type(x) for x in build_loggers(" CSV ", tmp_path)] == [CSVLogger, ProgressLogger]
     with pytest.raises(ConfigError, match="unknown logger 'neptune'"):
         build_loggers("csv,neptune", tmp_path)
 

@@ -15,26 +15,87 @@ from .encoder import pool_features
 from .run import atomic_write_text, check_output_directory, check_output_file, dumps_strict
 
 
+def _quiet(function):
+    """Run ``function`` inside :func:`leanmim.console.quiet` (imported on call: it imports Lightning)."""
+    import functools
+
+    @functools.wraps(function)
+    def quieted(*args, **kwargs):
+        from .console import quiet
+        with quiet():
+            return function(*args, **kwargs)
+    return quieted
+
+
 def default_device() -> torch.device:
     """The GPU when torch sees one, else the CPU (probe, reconstruct; pretrain and finetune: Lightning's 'auto')."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def pretrain(config: RunConfig | dict | str | Path = None, callbacks=(), **train_overrides: Any) -> dict[str, Any]:
-    """Pretrain from a RunConfig, a dict or a YAML path; ``train_overrides`` set ``config.train`` fields."""
+def pretrain(config: RunConfig | dict | str | Path | None = None, callbacks=(), **settings: Any) -> dict[str, Any]:
+    """Pretrain, like ``leanmim pretrain``; returns the run summary.
+
+    ``config``: a RunConfig, a dict, or a YAML path (a run's ``config.yaml``); ``settings`` override it by
+    the command line's names, lightly-train style::
+
+        api.pretrain(out="runs/demo", data="photos/", model="vit_small_patch16_224", method="mae", epochs=20)
+
+    A setting is a field of the model / data / train sections (``img_size``, ``batch_size``, ``epochs``, …),
+    ``model`` (the model name), ``data`` (the data path), ``method``, or an option of the method (``mask_ratio``);
+    a whole section may be given as a dict (``train={"epochs": 2}``). An unknown name is a one-line ConfigError.
+    """
     from .engine import pretrain as run_pretraining
 
     if config is None:
-        config = RunConfig()
+        values = RunConfig().to_dict()
+    elif isinstance(config, RunConfig):
+        values = config.to_dict()
     elif isinstance(config, (str, Path)):
-        config = RunConfig.load_yaml(config)
+        values = RunConfig.load_yaml(config).to_dict()
     elif isinstance(config, dict):
-        config = RunConfig.from_dict(config)
-    if train_overrides:
-        config = dataclasses.replace(config, train=dataclasses.replace(config.train, **train_overrides))
-    return run_pretraining(config, callbacks)
+        values = RunConfig.from_dict(config).to_dict()
+    else:
+        raise ConfigError(f"pretrain(config=...) takes a RunConfig, a dict or a YAML path, got {type(config).__name__}")
+    return run_pretraining(RunConfig.from_dict(apply_settings(values, settings), source="pretrain()"), callbacks)
 
 
+def apply_settings(values: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """``values`` (RunConfig.to_dict()) with keyword ``settings`` applied by name (see :func:`pretrain`)."""
+    from . import catalogue
+    from .config import SECTIONS
+
+    settings = dict(settings)
+    if "method" in settings:
+        if settings["method"] != values["method"]:
+            values["options"] = {}  # options of another method do not carry over
+        values["method"] = settings.pop("method")
+    if values["method"] not in catalogue.method_names():
+        raise ConfigError(f"unknown method '{values['method']}': choose one of {', '.join(catalogue.method_names())}")
+    fields = {}  # name -> (section, field): the CLI name (model, data) and every field name
+    for section, cls in SECTIONS.items():
+        for field in dataclasses.fields(cls):
+            fields.setdefault(field.name, (section, field.name))
+            if field.metadata.get("cli"):
+                fields[field.metadata["cli"]] = (section, field.name)
+    method_options = {option.name for option in catalogue.method_options(values["method"])}
+    for key, value in settings.items():
+        if key in SECTIONS and isinstance(value, dict):
+            values[key] = {**values[key], **value}
+        elif key == "options" and isinstance(value, dict):
+            values["options"] = {**values["options"], **value}
+        elif key in fields:
+            section, name = fields[key]
+            values[section][name] = str(value) if isinstance(value, Path) else value
+        elif key in method_options:
+            values["options"][key] = value
+        else:
+            raise ConfigError(f"pretrain(): unknown setting '{key}': use a model/data/train field (e.g. img_size, "
+                              f"batch_size, epochs, out), model=, data=, method=, or an option of "
+                              f"'{values['method']}' ({', '.join(sorted(method_options)) or 'none'})")
+    return values
+
+
+@_quiet
 def probe(run: str | Path | None = None, data: str | None = None, baseline: str | None = None, pool: str = "mean",
           k: int = 20, temperature: float = 0.07, linear_epochs: int = 100, batch_size: int = 256,
           precision: str = "auto", seed: int = 0, val_fraction: float = 0.0, split_seed: int = 0,
@@ -64,7 +125,8 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
         model = loaded.config.model
     else:
         size = default_img_size(data) or 224
-        model = ModelConfig(img_size=size, patch_size=size).resolved(size, default_channels(data))  # raw pixels: geometry only
+        # raw pixels: only the image geometry matters (no encoder, so no patch grid to validate)
+        model = ModelConfig(img_size=size, in_chans=default_channels(data) or 3)
     splits = build_labelled_splits(data, model.img_size, model.in_chans)
     subsets = carve_splits(splits.train, splits.test, val_fraction, split_seed, labels_per_class, label_fraction)
     if k > len(subsets.train):
@@ -172,14 +234,35 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
         if format == "hf":
             raise ConfigError("--format hf writes pretrained encoders (transformers' ViTForImageClassification pools "
                               "the cls token, leanmim's fine-tune the patch tokens): export the fine-tuning as timm")
-        if Path(out).suffix != ".safetensors":
-            raise ConfigError(f"a fine-tuned classifier exports to a .safetensors file: pass --out {out}.safetensors")
-        return export_finetuned(run, out)
+        return export_finetuned(run, out)   # a .safetensors file, or a timm local-dir folder with its labels
     loaded = load_run(run)
     if format == "hf":
         return export_hf(loaded.method, loaded.config.model, out, loaded.config.options)
     mean, std = run_data_stats(loaded.checkpoint_path, loaded.config)
     return export_encoder(loaded.method.encoder, loaded.config.model, out, mean, std)
+
+
+def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, batch_size: int = 64,
+            overwrite: bool = False) -> dict[str, Any]:
+    """Classify every image below ``data`` with a fine-tuning's selected classifier; writes a CSV (see
+    :mod:`leanmim.predict`) and returns a summary (rows, skipped images, the CSV's path)."""
+    from .predict import predict as run_predict
+
+    return run_predict(finetuning, data, out, top_k=top_k, batch_size=batch_size, overwrite=overwrite)
+
+
+def status(run: str | Path) -> dict[str, Any]:
+    """Where a pretraining or fine-tuning run stands (see :mod:`leanmim.status`)."""
+    from .status import run_status
+
+    return run_status(run)
+
+
+def runs(directory: str | Path) -> list[dict[str, Any]]:
+    """The status of every run below ``directory``."""
+    from .status import find_runs
+
+    return find_runs(directory)
 
 
 def finetune(run: str | Path, callbacks=(), **settings: Any) -> dict[str, Any]:
@@ -195,6 +278,7 @@ def finetune(run: str | Path, callbacks=(), **settings: Any) -> dict[str, Any]:
     return run_finetuning(run, FinetuneConfig.from_dict(settings, "finetune settings"), callbacks)
 
 
+@_quiet
 def bench(methods: str | list[str] | None = None, model: str = "vit_base_patch16", img_size: int = 224,
           patch_size: int | None = None, in_chans: int = 3, steps: int = 10, batch_size: int = 32,
           precision: str = "auto", warmup_steps: int = 2, options: dict[str, dict[str, Any]] | None = None,

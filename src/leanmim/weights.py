@@ -487,12 +487,27 @@ def timm_create_kwargs(model: ModelConfig) -> dict:
                 mlp_ratio=model.mlp_ratio)
 
 
-def timm_pretrained_cfg(model: ModelConfig, mean=None, std=None, num_classes: int = 0) -> dict[str, Any]:
-    """timm's ``pretrained_cfg`` facts for these weights: input size, normalisation of the training data."""
+def timm_crop_pct(img_size: int, crop_pct: float) -> float:
+    """``crop_pct`` nudged so that timm's ``floor(img_size / crop_pct)`` gives leanmim's resized side exactly
+    (16 / (16 / 18) is 17.999… in floating point)."""
+    target = round(img_size / crop_pct)
+    while math.floor(img_size / crop_pct) < target:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
+
+
+def timm_pretrained_cfg(model: ModelConfig, mean=None, std=None, num_classes: int = 0, crop_pct: float = 1.0,
+                        label_names: list[str] | None = None) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` facts for these weights: input size, the evaluation view (``crop_pct``: crop side /
+    resized shorter side, centre crop), normalisation of the training data, stem and head names, class names."""
     cfg: dict[str, Any] = {"input_size": [model.in_chans, model.img_size, model.img_size], "fixed_input_size": True,
-                           "interpolation": "bicubic", "crop_pct": 1.0, "num_classes": num_classes, "classifier": "head"}
+                           "interpolation": "bicubic", "crop_pct": timm_crop_pct(model.img_size, crop_pct),
+                           "crop_mode": "center", "num_classes": num_classes, "first_conv": "patch_embed.proj",
+                           "classifier": "head"}
     if mean is not None and std is not None:
         cfg.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+    if label_names:
+        cfg["label_names"] = list(label_names)
     return cfg
 
 

@@ -1,0 +1,71 @@
+"""A short model card (``README.md``) for every export folder: what was trained, on which data, how far, the
+figures the run has measured, and how to load the folder. Everything in it is read from the run's own files
+(``run.json``, ``summary.json``, ``finetune.json``); a figure the run has not measured is left out, never guessed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .run import atomic_write_text
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+        return value if isinstance(value, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _percent(value: Any) -> str:
+    return f"{100 * value:.2f} %" if isinstance(value, (int, float)) else "not measured"
+
+
+def model_card(checkpoint_path: Path, library: str, classifier: bool) -> str:
+    """The card's Markdown for the run (or fine-tuning) whose checkpoint is ``checkpoint_path``."""
+    directory = Path(checkpoint_path).parent.parent
+    results = _read_json(directory / "finetune.json") if classifier else {}
+    pretraining = Path(results["source"]).parent.parent if results.get("source") else directory
+    summary, record = _read_json(pretraining / "summary.json"), _read_json(pretraining / "run.json")
+    identity = record.get("identity", {})
+    lines = ["---", "library_name: " + ("timm" if library == "timm" else "transformers"), "tags: [leanmim, vit, "
+             "masked-image-modeling]", "---", "",
+             f"# {'Fine-tuned classifier' if classifier else 'Pretrained encoder'} from leanmim", "",
+             f"- method: {identity.get('method', summary.get('method', 'unknown'))}, model "
+             f"{identity.get('model.name', summary.get('model', 'unknown'))}",
+             f"- pretraining data: {record.get('facts', {}).get('data_path', 'unknown')} (fingerprint "
+             f"{identity.get('data.fingerprint', 'not recorded')})",
+             f"- pretraining steps: {summary.get('global_step', 'unknown')} of {summary.get('total_steps', 'unknown')}",
+             f"- exported from: {checkpoint_path}"]
+    for key, probe in sorted((summary.get("probes") or {}).items()):
+        lines.append(f"- probe {key}: kNN top-1 {_percent(probe.get('knn_top1'))}, linear top-1 "
+                     f"{_percent(probe.get('linear_top1'))} ({probe.get('data')})")
+    if classifier:
+        lines += [f"- fine-tuned on: {results.get('data')} ({results.get('num_train')} training images, classes "
+                  f"{', '.join(results.get('class_names') or [])})",
+                  f"- selected epoch {results.get('selected_epoch')} on validation: val top-1 "
+                  f"{_percent(results.get('selected_val_top1'))}, test top-1 {_percent(results.get('selected_test_top1'))}"]
+    lines += ["", "## Loading", "", "```python"]
+    if library == "timm":
+        lines += ["import timm", "from PIL import Image", "from timm.data import resolve_data_config, create_transform",
+                  "model = timm.create_model('local-dir:THIS_FOLDER', pretrained=True).eval()",
+                  "transform = create_transform(**resolve_data_config({}, model=model))",
+                  "output = model(transform(Image.open('image.jpg').convert('RGB')).unsqueeze(0))"]
+        if classifier:
+            lines.append("labels = model.pretrained_cfg['label_names']")
+    else:
+        lines += ["from transformers import AutoImageProcessor, AutoModel",
+                  "processor = AutoImageProcessor.from_pretrained('THIS_FOLDER')",
+                  "model = AutoModel.from_pretrained('THIS_FOLDER').eval()",
+                  "output = model(**processor(images=image, return_tensors='pt'))"]
+    lines += ["```", "", "Preprocessing (resize, crop, mean, std) is the one leanmim evaluates with; it travels in "
+              + ("config.json's pretrained_cfg." if library == "timm" else "preprocessor_config.json."), ""]
+    return "\n".join(lines)
+
+
+def write_model_card(out: Path, checkpoint_path: Path, library: str, classifier: bool) -> Path:
+    path = Path(out) / "README.md"
+    atomic_write_text(path, model_card(checkpoint_path, library, classifier))
+    return path
