@@ -263,6 +263,8 @@ def command_bench(args) -> int:
 
 def command_shard(args) -> int:
     from .data import write_shards
+    from .run import hold_directory
+    hold_directory(args.out)   # one writer per --out (released by the kernel when this process ends)
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
     if args.json:
         print(json.dumps(manifest))

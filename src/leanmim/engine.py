@@ -557,6 +557,10 @@ def pretrain(config: RunConfig, callbacks: Sequence[Callback] = ()) -> dict[str,
     lock = RunLock(config.train.out) if is_launcher_rank_zero() else None
     try:
         return _pretrain(config, callbacks, lock)
+    except (ConfigError, ValueError):  # refused (DataError is a ValueError): leave even .lock as it was
+        if lock is not None:
+            lock.release_untouched()
+        raise
     finally:
         if lock is not None:
             lock.release()

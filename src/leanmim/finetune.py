@@ -716,6 +716,9 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     data = settings.data or loaded.config.data.path
     precision = lightning_precision(RunConfig(train=settings.train_config(out)))
     identity = finetune_identity(settings, loaded, data, precision, from_weights=run is None)
+    from .run import hold_directory, is_launcher_rank_zero
+    if is_launcher_rank_zero():  # one writer per output directory, held for this process's life
+        hold_directory(out)
     resume_from = check_finetune_resume(out, identity, settings.extend)
     splits, subsets = finetune_splits(settings, data, model)
     if len(subsets.train) < settings.batch_size:  # checked before anything is written

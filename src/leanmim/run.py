@@ -430,6 +430,18 @@ class RunLock:
         self.release()
 
 
+_HELD: dict[str, RunLock] = {}
+
+
+def hold_directory(directory: str | Path, flag: str = "--out") -> RunLock:
+    """This process's lock on ``directory`` for the rest of its life (taken once; a later call reuses it)."""
+    key = os.path.realpath(os.path.expanduser(str(directory)))
+    held = _HELD.get(key)
+    if held is None or held._fd is None:
+        held = _HELD[key] = RunLock(directory, flag)
+    return held
+
+
 def is_launcher_rank_zero() -> bool:
     """True outside a launcher, and on global rank 0 under torchrun / SLURM (before any process group exists)."""
     for name in ("RANK", "SLURM_PROCID"):

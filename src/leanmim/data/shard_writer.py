@@ -104,7 +104,7 @@ def write_shards(source: str, out: str | Path, shard_size: int = 10_000, overwri
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise DataError(f"--out '{out}' is a file: pass a directory for the shards")
-    if out.is_dir() and any(out.iterdir()):
+    if out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir()):  # .lock: the writer's own (cli)
         if not overwrite:
             raise DataError(f"--out '{out}' is not empty: choose another directory, or pass --overwrite to replace "
                             "the shards and manifest written there")
