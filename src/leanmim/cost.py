@@ -141,15 +141,19 @@ def _profiled_peak_bytes(run, device: torch.device) -> int:
     """Peak of the running sum of allocator bytes (allocations +, frees −) on ``device`` while ``run()`` runs."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
-        run()
+    from .console import quiet_native_stderr
+
+    with quiet_native_stderr():  # kineto writes 'gpuGetDeviceCount failed' and USDT lines to fd 2 (--verbose: shown)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+            run()
+        tree = profiler.profiler.kineto_results.experimental_event_tree()
 
     def walk(nodes):
         for node in nodes:
             yield node
             yield from walk(node.children)
 
-    events = [node for node in walk(profiler.profiler.kineto_results.experimental_event_tree())
+    events = [node for node in walk(tree)
               if type(node.extra_fields).__name__ == "_ExtraFields_Allocation"
               and node.extra_fields.device.type == device.type]
     events.sort(key=lambda node: node.start_time_ns)   # stable: same-time events keep the tree's order

@@ -36,7 +36,7 @@ def load_image(source: str | IO[bytes], channels: int, draft_size: int | None = 
     """Decode one image (a path or a binary file object) to uint8 (channels, H, W); raises on unreadable data.
 
     The EXIF orientation is applied (H, W are the displayed sides). Alpha is composited on black,
-    16-bit samples are scaled to 8 bits (round(v / 257)), RGB -> 1 channel uses ITU-R 601 luma.
+    16-bit samples are stretched from the image's own min-max to 8 bits (:func:`stretch_to_uint8`), RGB -> 1 channel uses ITU-R 601 luma.
     ``draft_size`` lets JPEGs decode at a reduced scale whose both sides stay >= draft_size.
     """
     with Image.open(source) as im:
@@ -45,8 +45,7 @@ def load_image(source: str | IO[bytes], channels: int, draft_size: int | None = 
         im.load()
         im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):  # 16-bit (or 32-bit int) grayscale
-            wide = np.asarray(im).astype(np.int64).clip(0, 65535)
-            arr = ((wide + 128) // 257).astype(np.uint8)
+            arr = stretch_to_uint8(np.asarray(im), source)
         else:
             has_alpha = im.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in im.info
             arr = np.asarray(im.convert("RGBA" if has_alpha else "L" if im.mode in GRAY_MODES else "RGB"))
@@ -59,6 +58,30 @@ def load_image(source: str | IO[bytes], channels: int, draft_size: int | None = 
     elif channels == 3 and img.shape[0] == 1:
         img = img.expand(3, -1, -1)
     return img.contiguous()
+
+
+_WIDE_NOTED = False
+
+
+def stretch_to_uint8(samples: np.ndarray, source) -> np.ndarray:
+    """A 16-bit (or 32-bit integer) image -> uint8, its own range [min, max] stretched linearly to [0, 255].
+
+    Why not ``round(v / 257)``: 12-bit data (say 200-4200) would keep 16 grey levels and look near-black. Each
+    image keeps its own contrast (not the absolute level across images); a flat image becomes 0. The mean/std
+    used for normalisation are computed on these 8-bit values, what the model sees. Said once per process.
+    """
+    global _WIDE_NOTED
+    wide = samples.astype(np.float64)
+    low, high = float(wide.min()), float(wide.max())
+    if not _WIDE_NOTED:
+        _WIDE_NOTED = True
+        name = source if isinstance(source, str) else getattr(source, "name", "a 16-bit image")
+        warnings.warn(f"16-bit images (e.g. '{name}', values {low:.0f}-{high:.0f}): each is stretched from its own "
+                      f"min-max to 8 bits (0-255), not divided by 257; convert them to 8 bits first to choose "
+                      f"another mapping", stacklevel=3)
+    if high <= low:
+        return np.zeros(samples.shape, dtype=np.uint8)
+    return np.rint((wide - low) * (255.0 / (high - low))).astype(np.uint8)
 
 
 def displayed_size(path: str) -> tuple[int, int]:
