@@ -264,8 +264,10 @@ def command_bench(args) -> int:
 def command_shard(args) -> int:
     from .data import write_shards
     from .run import hold_directory
-    hold_directory(args.out)   # one writer per --out (released by the kernel when this process ends)
+    lock = hold_directory(args.out)   # one writer per --out (released by the kernel if this process dies)
     manifest = write_shards(args.source, args.out, shard_size=args.shard_size, overwrite=args.overwrite)
+    lock.path.unlink(missing_ok=True)  # done: the directory holds the shards and their manifest only
+    lock.release()
     if args.json:
         print(json.dumps(manifest))
     else:
