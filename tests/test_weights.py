@@ -37,7 +37,9 @@ def test_mae_reference_checkpoint_gives_the_reference_forward(tmp_path):
     torch.save({"model": state}, tmp_path / "mae_pretrain.pth")
     mae = build_method("mae", tiny_model(in_chans=3).resolved(), {"mask_ratio": 0.75})
     notes = init_method_from(mae, tmp_path / "mae_pretrain.pth")
-    assert notes == []
+    # an MAE file states no head counts: both assumptions are said, with the flag that overrides them
+    assert notes == ["the file does not state its encoder heads: 2 assumed (override with --num-heads)",
+                     "the file does not state its decoder heads: 2 assumed (override with --decoder-num-heads)"]
     images = torch.randn(3, 3, 16, 16)
     ours = mae(images, rng=BatchRandom(seed=5))
     loss, pred, mask = reference_mae_forward(state, images, BatchRandom(seed=5).rand(3, 16), 4, 2, 2)
@@ -56,7 +58,8 @@ def test_timm_state_dict_gives_timm_forward(tmp_path, suffix):
     weights = read_weights(path)
     assert weights.layout == "timm" and not weights.has_decoder()
     encoder = ViTEncoder(16, 4, 3, 32, 2, 2).eval()
-    assert load_encoder(encoder, weights) == []
+    assert load_encoder(encoder, weights) == [
+        "the file does not state its encoder heads: 2 assumed (override with --num-heads)"]
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(encoder.forward_features(images), vit.forward_features(images), atol=1e-5)
@@ -73,7 +76,7 @@ def test_position_table_resized_as_timm_does(tmp_path):
     small.load_state_dict(checkpoint_filter_fn(big.state_dict(), small))
     encoder = ViTEncoder(16, 4, 3, 32, 2, 2).eval()
     notes = load_encoder(encoder, read_weights(tmp_path / "big.pth"))
-    assert any("8×8 to a 4×4" in note for note in notes)
+    assert any("8×8 to a 4×4 grid by timm's resample_abs_pos_embed" in note for note in notes)
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.allclose(encoder.forward_features(images), small.forward_features(images), atol=1e-5)
@@ -233,5 +236,55 @@ def test_finetune_from_published_weights_without_a_run(tiny_data, tmp_path):
     assert results["epochs_completed"] == 1
     classifier = load_finetuned(tmp_path / "ft").classifier
     assert classifier.encoder.embed_dim == 32 and len(classifier.encoder.blocks) == 2
+    # the position table is trained, as in MAE's fine-tuning (it was a fixed buffer in pretraining)
+    assert isinstance(classifier.encoder.pos_embed, torch.nn.Parameter)
+    assert not torch.allclose(classifier.encoder.pos_embed, random_reference_state()["pos_embed"][0, 1:])
     with pytest.raises(ConfigError, match="exactly one"):
         finetune(str(tmp_path / "ft"), settings)
+
+
+def test_reference_and_transformers_tables_resized_as_their_library_does():
+    """MAE reference util/pos_embed.interpolate_pos_embed, reproduced from its published code."""
+    from leanmim.weights import resized_table
+
+    table = torch.randn(1, 1 + 14 * 14, 8)
+    pos_tokens = table[:, 1:].reshape(-1, 14, 14, 8).permute(0, 3, 1, 2)
+    pos_tokens = torch.nn.functional.interpolate(pos_tokens, size=(6, 6), mode="bicubic", align_corners=False)
+    expected = torch.cat((table[:, :1], pos_tokens.permute(0, 2, 3, 1).flatten(1, 2)), dim=1)
+    notes = []
+    assert torch.equal(resized_table(table, (6, 6), "t", notes, "MAE reference"), expected)
+    assert "interpolate_pos_embed" in notes[0]
+    hf = tiny_hf_mae()   # its encoder table, 4×4, resized by transformers itself to 8×8
+    hf_table = hf.vit.embeddings.position_embeddings.detach()
+    with torch.no_grad():
+        theirs = hf.vit.embeddings.interpolate_pos_encoding(torch.zeros(1, 65, 32), 32, 32)
+    assert torch.allclose(resized_table(hf_table, (8, 8), "t", [], "transformers"), theirs, atol=1e-6)
+
+
+def test_refusals_name_the_file_and_the_reason(tmp_path):
+    vit = tiny_timm_vit(num_classes=0, qkv_bias=False)
+    torch.save(vit.state_dict(), tmp_path / "nobias.pth")
+    with pytest.raises(ConfigError, match=r"nobias.pth' cannot be loaded: its attention has no qkv bias"):
+        load_encoder(ViTEncoder(16, 4, 3, 32, 2, 2), read_weights(tmp_path / "nobias.pth"))
+    torch.save(tiny_timm_vit(num_classes=0, init_values=1e-5).state_dict(), tmp_path / "ls.pth")
+    with pytest.raises(ConfigError, match=r"ls.pth' cannot be loaded: its blocks have layer scale"):
+        load_encoder(ViTEncoder(16, 4, 3, 32, 2, 2), read_weights(tmp_path / "ls.pth"))
+    torch.save(tiny_timm_vit(num_classes=0, reg_tokens=4).state_dict(), tmp_path / "reg.pth")
+    with pytest.raises(ConfigError, match=r"reg.pth' cannot be loaded: it has 4 register tokens"):
+        load_encoder(ViTEncoder(16, 4, 3, 32, 2, 2), read_weights(tmp_path / "reg.pth"))
+
+
+def test_transformers_relu_refused_and_eps_noted(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    for act, eps in (("relu", 1e-6), ("gelu", 1e-12)):
+        config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                        intermediate_size=128, image_size=16, patch_size=4, num_channels=3,
+                                        layer_norm_eps=eps, hidden_act=act)
+        transformers.ViTModel(config, add_pooling_layer=False).save_pretrained(tmp_path / act)
+    with pytest.raises(ConfigError, match=r"relu' states hidden_act 'relu': leanmim's ViT blocks use exact GELU"):
+        load_encoder(ViTEncoder(16, 4, 3, 32, 2, 2), read_weights(tmp_path / "relu"))
+    notes = load_encoder(ViTEncoder(16, 4, 3, 32, 2, 2), read_weights(tmp_path / "gelu"))
+    assert notes == ["the file states layer_norm_eps 1e-12; leanmim's LayerNorms use 1e-6 (MAE's and timm's, which "
+                     "its exports record; outputs move by ~1e-5)"]
+    with pytest.raises(ConfigError, match="has 2 encoder attention heads, this model 1: pass --num-heads 2"):
+        load_encoder(ViTEncoder(16, 4, 3, 32, 2, 1), read_weights(tmp_path / "gelu"))

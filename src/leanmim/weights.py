@@ -217,7 +217,8 @@ def read_weights(path: str | Path) -> Weights:
                 return canonical_weights(state, "timm", str(source), config.get("model_args", {}))
             hf = {"num_heads": config.get("num_attention_heads"),
                   "decoder_num_heads": config.get("decoder_num_attention_heads"),
-                  "layer_norm_eps": config.get("layer_norm_eps")}
+                  "layer_norm_eps": config.get("layer_norm_eps"), "hidden_act": config.get("hidden_act"),
+                  "qkv_bias": config.get("qkv_bias")}
             return canonical_weights(from_hf(state), "transformers", str(source), hf)
         return leanmim_run_weights(source)
     if source.suffix == ".safetensors":
@@ -285,8 +286,20 @@ def grid_of(table: Tensor) -> int:
     return side
 
 
-def resized_table(table: Tensor, grid: tuple[int, int], what: str, notes: list[str]) -> Tensor:
-    """(1, 1 + L', D) or (L', D) -> (1, 1 + L, D), resampled bicubically (timm's resample_abs_pos_embed) when L' ≠ L."""
+def mae_interpolate_pos_embed(table: Tensor, grid: tuple[int, int]) -> Tensor:
+    """The MAE reference's ``util/pos_embed.interpolate_pos_embed`` (= transformers ViTMAE's
+    ``interpolate_pos_encoding``): (1, 1 + L', D) -> (1, 1 + L, D), cls row kept, patch rows resized by
+    ``F.interpolate(mode="bicubic", align_corners=False)`` without antialiasing."""
+    old = grid_of(table)
+    patches = table[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    patches = torch.nn.functional.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
+    return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
+
+
+def resized_table(table: Tensor, grid: tuple[int, int], what: str, notes: list[str], layout: str = "timm") -> Tensor:
+    """(1, 1 + L', D) or (L', D) -> (1, 1 + L, D), resampled when L' ≠ L as the file's own library does: timm's
+    ``resample_abs_pos_embed`` (bicubic, antialiased) for timm files and leanmim's (which export timm files), the
+    MAE reference's ``interpolate_pos_embed`` (bicubic, no antialias) for MAE-reference and transformers files."""
     from timm.layers import resample_abs_pos_embed
 
     table = table.float()
@@ -294,9 +307,41 @@ def resized_table(table: Tensor, grid: tuple[int, int], what: str, notes: list[s
         table = table.unsqueeze(0)
     old = grid_of(table)
     if (old, old) != tuple(grid):
-        table = resample_abs_pos_embed(table, list(grid), [old, old], num_prefix_tokens=1)
-        notes.append(f"{what} resized bicubically from a {old}×{old} to a {grid[0]}×{grid[1]} grid")
+        if layout in ("MAE reference", "transformers"):
+            table = mae_interpolate_pos_embed(table, grid)
+            how = "the MAE reference's interpolate_pos_embed (bicubic, no antialias)"
+        else:
+            table = resample_abs_pos_embed(table, list(grid), [old, old], num_prefix_tokens=1)
+            how = "timm's resample_abs_pos_embed (bicubic, antialiased)"
+        notes.append(f"{what} resized from a {old}×{old} to a {grid[0]}×{grid[1]} grid by {how}")
     return table
+
+
+def unsupported_reason(state: dict[str, Tensor]) -> str | None:
+    """Why a ViT in canonical names is one leanmim's blocks cannot compute (None: it can)."""
+    keys = list(state)
+    if any(re.search(r"\.(ls[12]\.gamma|gamma_[12])$", key) for key in keys):
+        return "its blocks have layer scale (ls1/ls2), which leanmim's ViT blocks lack"
+    if any(key.startswith("reg_token") for key in keys):
+        return f"it has {state[[k for k in keys if k.startswith('reg_token')][0]].shape[1]} register tokens, " \
+               f"which leanmim's ViT lacks"
+    if "blocks.0.attn.qkv.weight" in state and "blocks.0.attn.qkv.bias" not in state:
+        if "blocks.0.attn.q_bias" in state:
+            return "its attention has separate q/v biases (BEiT-style q_bias/v_bias), leanmim's one qkv bias"
+        return "its attention has no qkv bias, leanmim's ViT blocks have one (qkv_bias=True)"
+    if any(re.search(r"\.attn\.(q|k)_norm\.", key) for key in keys):
+        return "its attention normalises q and k (qk_norm), which leanmim's blocks do not"
+    table = state.get("pos_embed")
+    if table is not None and table.dim() == 3 and math.isqrt(table.shape[1] - 1) ** 2 != table.shape[1] - 1:
+        return (f"its position table has {table.shape[1]} rows, not cls + a square grid (extra prefix tokens such "
+                f"as registers or distillation, or no cls row)")
+    return None
+
+
+def load_line(weights: Weights, parts: str, notes: list[str]) -> str:
+    """One line saying what ``--init-from`` loaded: file, layout, parts, what was adapted or assumed."""
+    return f"--init-from: loaded {parts} from '{weights.source}' ({weights.layout} layout)" + (
+        f"; {'; '.join(notes)}" if notes else "; nothing adapted")
 
 
 def describe_encoder(state: dict[str, Tensor]) -> str:
@@ -329,6 +374,26 @@ def fit_error(source: str, part: str, report: tuple[list[str], list[str], list[s
     return ConfigError(f"'{source}': the {part} weights do not fit: {details}; {hint}")
 
 
+def check_transformers_config(weights: Weights) -> None:
+    """Refuse what a transformers config states that leanmim's blocks would compute differently (one line);
+    ``layer_norm_eps`` other than the blocks' 1e-6 is kept out of the error: it moves outputs by ~1e-5, noted."""
+    act = weights.config.get("hidden_act")
+    if act is not None and act != "gelu":
+        raise ConfigError(f"'{weights.source}' states hidden_act '{act}': leanmim's ViT blocks use exact GELU "
+                          f"('gelu'), so this model would compute another function; it cannot be loaded")
+    if weights.config.get("qkv_bias") is False:
+        raise ConfigError(f"'{weights.source}' states qkv_bias false: leanmim's ViT blocks have a qkv bias, "
+                          f"so it cannot be loaded")
+
+
+def eps_note(weights: Weights) -> list[str]:
+    eps = weights.config.get("layer_norm_eps")
+    if eps is None or float(eps) == 1e-6:
+        return []
+    return [f"the file states layer_norm_eps {eps:g}; leanmim's LayerNorms use 1e-6 (MAE's and timm's, which "
+            f"its exports record; outputs move by ~1e-5)"]
+
+
 def check_heads(found: int | None, expected: int, what: str, flag: str, source: str) -> None:
     if found is not None and int(found) != expected:
         raise ConfigError(f"'{source}' has {found} {what} attention heads, this model {expected}: pass {flag} {found}")
@@ -346,12 +411,22 @@ def load_encoder(encoder: ViTEncoder, weights: Weights) -> list[str]:
                           f"drop --init-from or choose a method with an absolute-position ViT")
     notes: list[str] = []
     state = {key: value for key, value in weights.state.items() if not is_decoder_key(key)}
+    reason = unsupported_reason(state)
+    if reason:
+        raise ConfigError(f"'{weights.source}' cannot be loaded: {reason}; leanmim reads plain ViTs (MAE, timm "
+                          f"vit_*_patch*, transformers ViT/ViTMAE)")
     ours = f"{encoder.embed_dim}-d, {encoder.depth} blocks, patch {encoder.patch_size}, {encoder.grid_size[0]}² grid"
     hint = (f"its encoder is {describe_encoder(state)}, this model's {ours}: choose the matching --model "
             f"(or --embed-dim, --depth, --num-heads, --patch-size)")
+    check_transformers_config(weights)
     check_heads(weights.config.get("num_heads"), encoder.num_heads, "encoder", "--num-heads", weights.source)
+    if "num_heads" not in weights.config:
+        notes.append(f"the file does not state its encoder heads: {encoder.num_heads} assumed "
+                     f"(override with --num-heads)")
+    notes += eps_note(weights)
     if "pos_embed" in state:
-        table = resized_table(state.pop("pos_embed"), encoder.grid_size, "encoder position table", notes)
+        table = resized_table(state.pop("pos_embed"), encoder.grid_size, "encoder position table", notes,
+                              weights.layout)
         if "cls_token" in state and table.shape[-1] == state["cls_token"].shape[-1]:
             state["cls_token"] = state["cls_token"].float() + table[:, :1]
         state["pos_embed"] = table[0, 1:]
@@ -383,7 +458,8 @@ def load_decoder(decoder: MaskedDecoder, weights: Weights) -> list[str]:
             first, _, rest = key.partition(".")
             state[names.get(first, first) + (f".{rest}" if rest else "")] = value
     if "pos_embed" in state:
-        table = resized_table(state.pop("pos_embed"), decoder.grid_size, "decoder position table", notes)
+        table = resized_table(state.pop("pos_embed"), decoder.grid_size, "decoder position table", notes,
+                              weights.layout)
         if table[0, 0].abs().max() > 0:
             notes.append("the decoder position table's cls row is not zero and was dropped (leanmim adds none to cls)")
         state["pos_embed"] = table[0, 1:]
@@ -397,6 +473,9 @@ def load_decoder(decoder: MaskedDecoder, weights: Weights) -> list[str]:
     if len(decoder.blocks):
         check_heads(weights.config.get("decoder_num_heads"), decoder.blocks[0].attn.num_heads, "decoder",
                     "--decoder-num-heads", weights.source)
+        if "decoder_num_heads" not in weights.config:
+            notes.append(f"the file does not state its decoder heads: {decoder.blocks[0].attn.num_heads} assumed "
+                         f"(override with --decoder-num-heads)")
     missing, unexpected, mismatched = fit_report(decoder, state)
     missing = [key for key in missing if not key.startswith("head.") or "head.weight" in state]
     if missing or unexpected or mismatched:
@@ -431,6 +510,12 @@ def init_method_from(method: nn.Module, weights: Weights | str | Path) -> list[s
             if isinstance(teacher, type(method.encoder)):
                 teacher.load_state_dict(method.encoder.state_dict())
     return notes
+
+
+def loaded_parts(method: nn.Module, weights: Weights) -> str:
+    """"encoder" or "encoder and decoder": what :func:`init_method_from` loads into ``method``."""
+    both = weights.has_decoder() and isinstance(getattr(method, "decoder", None), MaskedDecoder)
+    return "encoder and decoder" if both else "encoder"
 
 
 def check_init_from(method_name: str, model: ModelConfig, options: dict[str, Any], weights: Weights) -> None:
