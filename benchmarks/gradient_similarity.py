@@ -1,4 +1,4 @@
-"""Do partial-reconstruction variants push the encoder the way full MAE does? (METHODS.md §3 diagnostic)
+"""Do partial-reconstruction variants push the encoder the way full MAE does? (docs/methods.md §3 diagnostic)
 
 For each batch: same weights, same images, same masking (every method draws its mask first from the
 same seeded BatchRandom). We take the gradient of each method's loss with respect to all encoder

@@ -1,4 +1,4 @@
-"""PCAE (METHODS.md §2): token compression, the EMA teacher, retained-token decoding, cost."""
+"""PCAE (docs/methods.md §2): token compression, the EMA teacher, retained-token decoding, cost."""
 
 import pytest
 import torch

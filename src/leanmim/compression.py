@@ -1,4 +1,4 @@
-"""Progressive token compression (PCAE, METHODS.md §2), shared by the PCAE teacher and the encoder.
+"""Progressive token compression (PCAE, docs/methods.md §2), shared by the PCAE teacher and the encoder.
 
 After selected blocks, score every droppable token by how much it looks like the sequence mean,
 

@@ -1,4 +1,4 @@
-"""Deep supervision: predictions from several encoder depths through one light shared decoder (DDAE, METHODS.md §5).
+"""Deep supervision: predictions from several encoder depths through one light shared decoder (DDAE, docs/methods.md §5).
 
 For each supervised block l the student's raw block output (B, 1 + K, D) passes its own
 LayerNorm and input projection D → D_d; the projected sequences of all depths are stacked

@@ -1,4 +1,4 @@
-"""Partial reconstruction: decode only some masked tokens, still supervise the rest (PR-MIM, METHODS.md §3).
+"""Partial reconstruction: decode only some masked tokens, still supervise the rest (PR-MIM, docs/methods.md §3).
 
 Decoding every masked token is most of MAE's cost. Partial reconstruction lets the decoder decode
 only some masked tokens (the *kept* ones) and *throws* the others. PR-MIM still supervises the

@@ -1,4 +1,4 @@
-"""A ViT encoder with relative positions instead of an absolute position embedding (LoMaR, METHODS.md §4).
+"""A ViT encoder with relative positions instead of an absolute position embedding (LoMaR, docs/methods.md §4).
 
 Every attention block adds a *contextual relative position term on keys* (iRPE, Wu et al. 2021,
 the variant LoMaR uses). By default the logit of query i for key j is, as in the authors' code,

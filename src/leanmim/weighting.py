@@ -1,4 +1,4 @@
-"""Difficulty weighting of masked patches by their distance to the nearest visible patch (DDAE, METHODS.md §5).
+"""Difficulty weighting of masked patches by their distance to the nearest visible patch (DDAE, docs/methods.md §5).
 
 A masked patch next to a visible one is easy to reconstruct (copy the neighbour); one deep in
 a masked region is hard. With dᵢ the grid distance of masked patch i to the nearest visible

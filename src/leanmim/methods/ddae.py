@@ -1,4 +1,4 @@
-"""DDAE: Deep Dynamic AutoEncoder. METHODS.md §5.
+"""DDAE: Deep Dynamic AutoEncoder. docs/methods.md §5.
 
 MAE with its two plug-ins switched on, plus feature self-distillation from a momentum teacher:
 

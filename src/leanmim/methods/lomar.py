@@ -1,4 +1,4 @@
-"""LoMaR: Local Masked Reconstruction (Chen et al., 2022). METHODS.md §4.
+"""LoMaR: Local Masked Reconstruction (Chen et al., 2022). docs/methods.md §4.
 
 Reconstruct inside a few small windows instead of the whole image: the cost per image depends on
 the window size, not on the resolution.

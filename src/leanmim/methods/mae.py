@@ -1,4 +1,4 @@
-"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2021). METHODS.md §1.
+"""MAE: Masked Autoencoders Are Scalable Vision Learners (He et al., 2021). docs/methods.md §1.
 
 One batch, top to bottom:
     patches    = patchify(images)                           (B, L, p²C)
@@ -7,7 +7,7 @@ One batch, top to bottom:
     prediction = decoder(encoded, visible ids, masked ids)   (B, L, p²C), unshuffled to grid order
     loss       = MSE(prediction, normalized patches) over masked patches
 
-Plug-ins (off by default, METHODS.md §5; they reach every method built on MAE):
+Plug-ins (off by default, docs/methods.md §5; they reach every method built on MAE):
     --dynamic-weighting   masked patches weighted by distance to the nearest visible one (see weighting.py)
     --deep-supervision    + Σ_l λ_l · pixel loss of a light shared decoder on encoder block l (deep_supervision.py)
 """

@@ -1,4 +1,4 @@
-"""PCAE: Progressively Compressed AutoEncoder. METHODS.md §2.
+"""PCAE: Progressively Compressed AutoEncoder. docs/methods.md §2.
 
 Masked patches are redundant, so reconstruct only the informative ones. An EMA teacher encodes
 the masked patches and, after a few of its blocks, drops the tokens most similar to the sequence

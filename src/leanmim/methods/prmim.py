@@ -1,4 +1,4 @@
-"""PR-MIM: partial reconstruction done right. METHODS.md §3.
+"""PR-MIM: partial reconstruction done right. docs/methods.md §3.
 
 MAE's decoder reconstructs every masked token. PR-MIM decodes only some of them (the *kept* ones,
 chosen by furthest sampling), *throws* the rest, and still supervises the thrown ones through a
