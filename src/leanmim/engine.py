@@ -618,9 +618,9 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
     L.seed_everything(config.train.seed, workers=True, verbose=False)
     module = PretrainModule(config, data.batch_transform)
     if initial_weights is not None:
-        from .weights import init_method_from
-        for note in init_method_from(module.method, initial_weights):
-            warnings.warn(f"--init-from: {note}")
+        from .weights import init_method_from, load_line, loaded_parts
+        notes = init_method_from(module.method, initial_weights)
+        warnings.warn(load_line(initial_weights, loaded_parts(module.method, initial_weights), notes))
     if config.train.compile:
         module.method = torch.compile(module.method)
     module.batches_per_epoch = batches_per_epoch
