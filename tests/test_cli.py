@@ -47,7 +47,7 @@ def test_bad_inputs_get_one_line_errors(capsys, tiny_data, trained_run, tmp_path
     empty.mkdir()
     assert_one_line_error(capsys, ["pretrain", "--data", empty, *TINY], "no")
     assert_one_line_error(capsys, [*pre, "--method", "simclr"], "unknown method 'simclr'")
-    assert_one_line_error(capsys, [*pre, "--model", "vit_gigantic"], "not one of")
+    assert_one_line_error(capsys, [*pre, "--model", "vit_gigantic"], "unknown model 'vit_gigantic'")
     assert_one_line_error(capsys, [*pre, "--frobnicate", "3"], "unrecognized arguments: --frobnicate")
     assert_one_line_error(capsys, [*pre, "--mask-ratio", "1.0"], "mask_ratio must lie strictly between 0 and 1")
     assert_one_line_error(capsys, [*pre, "--mask-ratio", "0"], "mask_ratio")

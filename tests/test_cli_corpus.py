@@ -125,7 +125,7 @@ def corpus(data: str) -> list[tuple[list[str], str]]:
         ([*pre, "--keep-checkpoints", "-5"], "keep_checkpoints"),
         ([*pre, "--checkpoint-every-steps", "-1"], "checkpoint_every_steps"),
         ([*pre, "--method", "simclr"], "unknown method 'simclr'"),
-        ([*pre, "--model", "vit_gigantic"], "not one of"),
+        ([*pre, "--model", "vit_gigantic"], "unknown model 'vit_gigantic'"),
         ([*pre, "--precision", "fp8"], "'fp8' is not one of auto, bf16, 32"),
         ([*pre, "--mask-ratio", "1.5"], "mask_ratio must lie strictly between 0 and 1"),
         ([*pre, "--window-size", "3"], "not an option of method 'mae'"),

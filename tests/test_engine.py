@@ -28,7 +28,7 @@ class StopAfterEpoch(L.Callback):
 
 
 def read_losses(run_dir: Path) -> list[float]:
-    rows = csv.DictReader(open(next(run_dir.glob("logs/version_0/metrics.csv"))))
+    rows = csv.DictReader(open(next(run_dir.glob("logs/metrics.csv"))))
     return [float(r["loss_step"]) for r in rows if r.get("loss_step")]
 
 
@@ -40,7 +40,7 @@ def test_short_run_lowers_loss_and_writes_run_directory(tiny_data, tmp_path):
     run = tmp_path / "run"
     for name in ("config.yaml", "summary.json", "checkpoints/last.ckpt", "checkpoints/epoch005.ckpt"):
         assert (run / name).is_file(), name
-    assert list(run.glob("tensorboard/*/events.out.tfevents.*"))
+    assert list(run.glob("tensorboard/**/events.out.tfevents.*"))
     # the checkpoint holds the full model (encoder and decoder) and loads with weights_only=True
     checkpoint = read_checkpoint(run)
     assert any(k.startswith("method.decoder.") for k in checkpoint["state_dict"])

@@ -74,6 +74,9 @@ def _leanmim_showwarning(message, category, filename, lineno, file=None, line=No
 _ORIGINAL_SHOWWARNING = warnings.showwarning
 
 
+_DEFAULT_SHOWWARNMSG = getattr(warnings, "_showwarnmsg_impl", None)
+
+
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the known third-party messages for the duration (unless verbose); restores everything after."""
@@ -84,7 +87,8 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         for pattern in THIRD_PARTY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-        warnings.showwarning = _leanmim_showwarning
+        if getattr(warnings, "_showwarnmsg_impl", None) is _DEFAULT_SHOWWARNMSG:   # not while someone records them
+            warnings.showwarning = _leanmim_showwarning
         for name in THIRD_PARTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         try:

@@ -632,7 +632,7 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
         emit(start_summary(pretrain_summary_rows(config, module.method, data, trainer, optimizer_steps_per_epoch,
                                                  total_steps, resume_from,
                                                  checkpoint_step(resume_from) if resume_from else None),
-                           title=f"leanmim {__version__}: pretraining"))
+                           title=f"pretraining (leanmim {__version__})"))
     started = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")

@@ -717,13 +717,21 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     precision = lightning_precision(RunConfig(train=settings.train_config(out)))
     identity = finetune_identity(settings, loaded, data, precision, from_weights=run is None)
     from .run import hold_directory, is_launcher_rank_zero
-    if is_launcher_rank_zero():  # one writer per output directory, held for this process's life
-        hold_directory(out)
-    resume_from = check_finetune_resume(out, identity, settings.extend)
-    splits, subsets = finetune_splits(settings, data, model)
-    if len(subsets.train) < settings.batch_size:  # checked before anything is written
-        raise ConfigError(f"the labelled training split has {len(subsets.train)} images, fewer than one batch of "
-                          f"{settings.batch_size}: lower --batch-size")
+    from .run import _HELD
+    already_held = any(held._fd is not None and Path(key) == out.expanduser().resolve() for key, held in _HELD.items())
+    lock = hold_directory(out) if is_launcher_rank_zero() else None  # one writer per output directory, for life
+    if already_held:
+        lock = None   # taken by an earlier call in this process: a refusal here must not undo it
+    try:
+        resume_from = check_finetune_resume(out, identity, settings.extend)
+        splits, subsets = finetune_splits(settings, data, model)
+        if len(subsets.train) < settings.batch_size:  # checked before anything is written
+            raise ConfigError(f"the labelled training split has {len(subsets.train)} images, fewer than one batch of "
+                              f"{settings.batch_size}: lower --batch-size")
+    except Exception:
+        if lock is not None:   # refused: leave the directory as it was found
+            lock.release_untouched()
+        raise
     in_memory = splits.batch_transform is not None
 
     train_transform = None

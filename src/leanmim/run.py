@@ -379,6 +379,8 @@ class RunLock:
         self.directory = Path(directory).expanduser()
         if self.directory.exists() and not self.directory.is_dir():
             raise ConfigError(f"{flag} '{self.directory}' is a file, not a directory: choose a new directory for {flag}")
+        # the directories made here, deepest first: a refused command removes them again (it wrote nothing)
+        self._created = [parent for parent in (self.directory, *self.directory.parents) if not parent.exists()]
         self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / LOCK_FILE
         self._existed = self.path.is_file()
@@ -409,6 +411,11 @@ class RunLock:
             os.write(self._fd, content)
             os.utime(self._fd, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         self.release()
+        for directory in self._created:
+            try:
+                directory.rmdir()   # only when empty: anything written there since stays
+            except OSError:
+                break
 
     def _holder(self) -> str:
         try:
@@ -444,7 +451,7 @@ def hold_directory(directory: str | Path, flag: str = "--out") -> RunLock:
 
 def is_launcher_rank_zero() -> bool:
     """True outside a launcher, and on global rank 0 under torchrun / SLURM (before any process group exists)."""
-    for name in ("RANK", "SLURM_PROCID"):
+    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):   # LOCAL_RANK: Lightning's own subprocess launcher
         if os.environ.get(name, "0").strip() not in ("", "0"):
             return False
     return True
