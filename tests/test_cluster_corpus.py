@@ -151,9 +151,9 @@ def test_failed_first_start_records_nothing(tiny_data, tmp_path, single_thread):
 def test_run_directory_without_checkpoint_takes_new_settings(tiny_data, tmp_path, single_thread, capfd):
     out = tmp_path / "run"
     write_run_file(out, "pretrain", {"train.seed": 5, "model.depth": 9}, {})
-    summary = pretrain(tiny_run_config(tiny_data, out, max_steps=1))
+    with pytest.warns(UserWarning, match="never wrote a checkpoint: its record is replaced"):
+        summary = pretrain(tiny_run_config(tiny_data, out, max_steps=1))
     assert summary["global_step"] == 1
-    assert "never wrote a checkpoint: its record is replaced" in capfd.readouterr().err
 
 
 def test_finetune_values_are_checked_before_anything_is_written(tmp_path):
