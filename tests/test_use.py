@@ -9,13 +9,13 @@ import shutil
 import subprocess
 import sys
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from conftest import tiny_model, tiny_run_config
+from test_finetune import StopAfterEpoch
 from leanmim import api
 from leanmim.cli import main
 from leanmim.engine import pretrain
@@ -24,14 +24,6 @@ pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = ["cat", "dog"]
 FAST = dict(batch_size=16, lr=3e-3, precision="32", progress_bar=False, log_every_steps=1, drop_path=0.0)
 
-
-class StopAfterEpoch(L.Callback):
-    def __init__(self, epochs):
-        self.epochs = epochs
-
-    def on_train_epoch_end(self, trainer, module):
-        if trainer.current_epoch + 1 >= self.epochs:
-            trainer.should_stop = True
 
 
 def make_folder(root, per_class=(40, 12), seed=0):

@@ -4,19 +4,11 @@ figures the run has measured, and how to load the folder. Everything in it is re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from .run import atomic_write_text
+from .run import atomic_write_text, read_json_object
 
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def _percent(value: Any) -> str:
@@ -26,9 +18,9 @@ def _percent(value: Any) -> str:
 def model_card(checkpoint_path: Path, library: str, classifier: bool) -> str:
     """The card's Markdown for the run (or fine-tuning) whose checkpoint is ``checkpoint_path``."""
     directory = Path(checkpoint_path).parent.parent
-    results = _read_json(directory / "finetune.json") if classifier else {}
+    results = read_json_object(directory / "finetune.json") if classifier else {}
     pretraining = Path(results["source"]).parent.parent if results.get("source") else directory
-    summary, record = _read_json(pretraining / "summary.json"), _read_json(pretraining / "run.json")
+    summary, record = read_json_object(pretraining / "summary.json"), read_json_object(pretraining / "run.json")
     identity = record.get("identity", {})
     lines = ["---", "library_name: " + ("timm" if library == "timm" else "transformers"), "tags: [leanmim, vit, "
              "masked-image-modeling]", "---", "",

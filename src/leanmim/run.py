@@ -162,6 +162,16 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any], ignore: Itera
             for key in sorted(set(old) | set(new)) if key not in skip and before(key) != new.get(key)]
 
 
+def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON object written by leanmim (summary.json, finetune.json, …), or {} when missing, damaged or not an object:
+    for tools that only report (status, model cards) and must never fail on a half-written file."""
+    try:
+        value = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
 def read_run_file(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / RUN_FILE
     if not path.is_file():

@@ -12,22 +12,14 @@ State: ``finished`` (the newest checkpoint ends the schedule; a fine-tuning: its
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
-from .run import CHECKPOINT_DIR, RUN_FILE
+from .run import CHECKPOINT_DIR, RUN_FILE, read_json_object
 
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        value = json.loads(path.read_text())
-        return value if isinstance(value, dict) else {}
-    except (OSError, ValueError):
-        return {}
 
 
 def process_alive(pid: Any, host: Any) -> bool:
@@ -85,7 +77,7 @@ def run_status(run: str | Path) -> dict[str, Any]:
     if not directory.is_dir() or not ((directory / RUN_FILE).is_file() or (directory / CHECKPOINT_DIR).is_dir()):
         raise ConfigError(f"'{run}' is not a leanmim run directory (no {RUN_FILE} or {CHECKPOINT_DIR}/): pass the "
                           f"--out of a 'leanmim pretrain' or 'leanmim finetune'")
-    record, summary = _json(directory / RUN_FILE), _json(directory / "summary.json")
+    record, summary = read_json_object(directory / RUN_FILE), read_json_object(directory / "summary.json")
     progress = summary.get("progress", {})
     kind = record.get("kind") or ("finetune" if (directory / "finetune.json").is_file() else "pretrain")
     status: dict[str, Any] = {"run": str(directory), "kind": kind, **checkpoint_facts(directory)}
@@ -99,7 +91,7 @@ def run_status(run: str | Path) -> dict[str, Any]:
         or logged.get("img_per_s")
     steps_per_second = progress.get("steps_per_second")
     if kind == "finetune":
-        results = _json(directory / "finetune.json")
+        results = read_json_object(directory / "finetune.json")
         finished = results.get("selected_test_top1") is not None
         status.update(selected_epoch=results.get("selected_epoch"), selected_val_top1=results.get("selected_val_top1"),
                       selected_test_top1=results.get("selected_test_top1"), source=results.get("source"))
@@ -119,7 +111,7 @@ def run_status(run: str | Path) -> dict[str, Any]:
     status["updated_at"] = progress.get("updated_at")
     status["probes"] = sorted(str(p) for p in (directory / "probes").glob("*.json"))
     status["finetunings"] = [str(p.parent) for p in sorted(directory.parent.glob("**/finetune.json"))
-                             if Path(_json(p).get("source", "/nonexistent")).parent.parent.resolve() == directory.resolve()]
+                             if Path(read_json_object(p).get("source", "/nonexistent")).parent.parent.resolve() == directory.resolve()]
     return status
 
 
