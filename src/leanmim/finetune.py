@@ -85,7 +85,8 @@ from .config import POOLS, ConfigError, DataConfig, FinetuneConfig, ModelConfig,
 from .data import BatchMIMAugment, DataError, build_labelled_splits
 from .data.common import worker_start_method
 from .encoder import ViTEncoder, pool_features, training_attention
-from .engine import (GlobalBatchSampler, NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
+from .data.sampler import GlobalBatchSampler
+from .engine import (NonFiniteLossError, build_trainer, lightning_precision, warmup_cosine,
                      write_summary)
 from .methods import build_method
 from .splits import TrainValTest, carve_splits, folder_val_split

@@ -8,6 +8,7 @@
     augment.py       RandomResizedCrop + flip + normalize, batched (in memory) or per sample (streamed)
     pretrain.py      MIMData / build_pretrain_data: what the engine trains on
     labelled.py      LabelledSplits / build_labelled_splits: what probing and fine-tuning read
+    sampler.py       GlobalBatchSampler: the shuffled batch order, identical on every process, resumable
     common.py        DataError, decoding one image (EXIF orientation applied), in-memory datasets, statistics
 """
 
@@ -18,6 +19,7 @@ from .idx import (FASHION_MNIST_ALIASES, FASHION_MNIST_CLASSES, FASHION_MNIST_DI
                   FASHION_MNIST_STD, read_idx)
 from .labelled import LabelledSplits, build_labelled_splits
 from .pretrain import MIMData, build_pretrain_data
+from .sampler import GlobalBatchSampler
 from .shard_writer import write_shards
 from .shards import ShardSource
 from .source import default_channels, default_img_size
@@ -27,4 +29,5 @@ __all__ = [
     "build_pretrain_data", "build_labelled_splits", "default_channels", "default_img_size",
     "denormalize", "read_idx", "load_image", "stored_size", "FASHION_MNIST_DIR", "FASHION_MNIST_ALIASES",
     "FASHION_MNIST_CLASSES", "TensorImages", "ImageFileDataset", "WholeImages", "ShardSource", "write_shards",
+    "GlobalBatchSampler",
 ]
