@@ -174,17 +174,20 @@ def test_folder_streaming_and_parallel_decode(tmp_path, monkeypatch):
     make_mixed_folder(tmp_path)
     with pytest.warns(UserWarning):
         stream = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3, max_memory_bytes=0)
-    assert not stream.in_memory and stream.batch_transform is None and stream.num_images == 4
+    assert not stream.in_memory and isinstance(stream.batch_transform, D.augment.BatchFlipNormalize) and stream.num_images == 4
     assert len(stream.skipped_files) == 2  # found by the statistics sample up front
-    x = stream.dataset[1]
-    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    x = stream.dataset[1]  # streamed items are uint8 crops; the flip + normalisation run on the batch
+    assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
+    assert stream.batch_transform(x[None]).shape == (1, 3, 16, 16)
     with pytest.warns(UserWarning):  # augment=False: deterministic evaluation view
         plain = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3, max_memory_bytes=0, augment=False)
         cached = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3, augment=False)
     assert torch.equal(plain.dataset[1], plain.dataset[1]) and isinstance(cached.batch_transform, BatchEvalTransform)
+    assert isinstance(plain.batch_transform, BatchEvalTransform) and plain.dataset[1].dtype == torch.uint8
     batch = torch.stack([cached.dataset[i] for i in range(4)])
     assert torch.equal(cached.batch_transform(batch, generator=None), cached.batch_transform(batch))
-    torch.testing.assert_close(cached.batch_transform(batch)[0], plain.dataset[0], atol=0.05, rtol=0)  # square g16.png
+    streamed = plain.batch_transform(plain.dataset[0][None])[0]
+    torch.testing.assert_close(cached.batch_transform(batch)[0], streamed, atol=0.05, rtol=0)  # square g16.png
     monkeypatch.setattr(D.folder, "PARALLEL_DECODE_MIN_FILES", 0)  # decode with DataLoader workers
     with pytest.warns(UserWarning):
         parallel = build_pretrain_data(str(tmp_path), img_size=16, in_chans=3)

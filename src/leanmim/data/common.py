@@ -1,12 +1,17 @@
 """What every data source shares: the error type, decoding one image, the in-memory dataset, statistics.
 
-Decoding uses Pillow: torchvision 0.29 deprecates its image decoders (a DeprecationWarning on every call)
-and ``decode_image`` returns palette indices for palette PNGs. The EXIF orientation tag is applied, so a
-photo taken sideways is read the way it is shown, not as stored.
+Decoding uses Pillow (``load_image``): torchvision's ``decode_image`` returns palette indices for palette PNGs.
+Streamed data, decoded again every epoch, takes a faster path for JPEGs (``decode_file`` / ``decode_bytes``):
+torchvision's libjpeg-turbo ``decode_jpeg`` on the file's bytes, about 1.2-1.4x Pillow's speed on a 500 x 375
+photo, the same pixels for RGB output (EXIF orientation applied too), Pillow for everything else and for any JPEG
+it refuses. torchvision 0.29 deprecates its decoders (a DeprecationWarning on every call, silenced here); the day
+they are gone, ``decode_jpeg`` is None and every image takes the Pillow path. The EXIF orientation tag is applied,
+so a photo taken sideways is read the way it is shown, not as stored.
 """
 
 from __future__ import annotations
 
+import io
 import multiprocessing
 import os
 import tempfile
@@ -20,6 +25,13 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
+
+try:  # deprecated since torchvision 0.29 (see the module docstring)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:  # pragma: no cover - a torchvision without its decoders
+    ImageReadMode = decode_jpeg = None
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif",
                               ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"})
@@ -58,6 +70,67 @@ def load_image(source: str | IO[bytes], channels: int, draft_size: int | None = 
     elif channels == 3 and img.shape[0] == 1:
         img = img.expand(3, -1, -1)
     return img.contiguous()
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def decode_bytes(data: bytes, channels: int, fallback: str | IO[bytes] | None = None) -> torch.Tensor:
+    """An encoded image's bytes -> uint8 (channels, H, W), as :func:`load_image` decodes it; raises on unreadable data.
+
+    JPEGs go through torchvision's ``decode_jpeg`` (faster), everything else, and a JPEG it refuses (truncated,
+    unusual colour space), through Pillow, which then raises its own one-line error for bad data. ``fallback``:
+    what Pillow opens instead of the bytes (a path keeps the file's name in Pillow's messages).
+    """
+    if data[:3] == _JPEG_MAGIC and decode_jpeg is not None:
+        image = _decode_jpeg(data, channels)
+        if image is not None:
+            return image
+    return load_image(io.BytesIO(data) if fallback is None else fallback, channels)
+
+
+def decode_file(path: str, channels: int) -> torch.Tensor:
+    """:func:`decode_bytes` of the file at ``path``."""
+    with open(path, "rb") as f:
+        return decode_bytes(f.read(), channels, fallback=path)
+
+
+def _decode_jpeg(data: bytes, channels: int) -> torch.Tensor | None:
+    """libjpeg-turbo decode with the EXIF orientation applied, or None (then Pillow decides).
+
+    RGB output matches Pillow's to the value; one channel is taken as decoded for a grey JPEG, else from the RGB
+    decode with the same ITU-R 601 luma as :func:`load_image` (libjpeg's own grey output, the stored Y, differs
+    by a few levels)."""
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.UNCHANGED
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode,
+                                apply_exif_orientation=True)
+    except Exception:  # noqa: BLE001 - Pillow decodes it or says why not
+        return None
+    if image.shape[0] == channels:
+        return image
+    if channels == 1 and image.shape[0] == 3:
+        return TF.rgb_to_grayscale(image).contiguous()
+    return None  # CMYK read unchanged for one channel: Pillow's conversion
+
+
+def sample_draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The seed of sample ``index``'s random draws (its crop) in ``epoch`` of a run seeded ``seed``: a function
+    of these three numbers only, whichever batch, process or loader worker handles the sample."""
+    return mix_seed(0x43524F50, seed, epoch, index)  # 0x43524F50: "CROP", keeps these seeds apart from others
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: splitmix64 over the parts, so neighbouring inputs give unrelated seeds."""
+    mask = (1 << 64) - 1
+    state = 0x9E3779B97F4A7C15
+    for part in parts:
+        state = (state ^ (part & mask)) * 0xBF58476D1CE4E5B9 & mask
+        state = (state ^ (state >> 31)) * 0x94D049BB133111EB & mask
+        state ^= state >> 29
+    return state >> 1
 
 
 _WIDE_NOTED = False

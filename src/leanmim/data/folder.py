@@ -1,7 +1,9 @@
 """Source: a directory of image files (recursive, any common format, sorted order).
 
 Held in memory as uint8 when the decoded images fit under ``max_memory_bytes`` (decoded once, in
-parallel), else decoded from disk on access with per-sample transforms (meant for DataLoader workers).
+parallel), else decoded from disk on access with per-sample transforms (meant for DataLoader workers):
+for pretraining, the sample's crop cut and resized in uint8 (``WorkerCrop``, seeded by the ``SampleIndex``
+that GlobalBatchSampler yields), the flip and normalisation left to the training device.
 Unreadable files are skipped with one warning each and named in ``skipped_files``.
 
 Stored in memory, each image keeps its aspect ratio: the shorter side is resized to S =
@@ -20,8 +22,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .common import (IMAGE_EXTENSIONS, DataError, SkipLog, displayed_size, load_image, one_line, spread, STATS_SAMPLE,
-                     warn_skip)
+from .common import (IMAGE_EXTENSIONS, DataError, SkipLog, decode_file, displayed_size, load_image, one_line,
+                     sample_draw_seed, spread, STATS_SAMPLE, warn_skip)
 
 PARALLEL_DECODE_MIN_FILES = 256   # decode with DataLoader workers from this many files on
 MAX_ASPECT = 2.0                  # in memory, the longer side is kept up to this many times the shorter
@@ -98,16 +100,23 @@ def whole_size(height: int, width: int, size: int) -> tuple[int, int]:
 
 
 class ImageFileDataset(Dataset):
-    """Images decoded from disk on access -> transform(uint8 (C, H, W)) [, label].
+    """Images decoded from disk on access (``decode_file``: libjpeg-turbo for JPEGs, else Pillow) ->
+    transform(uint8 (C, H, W)) [, label].
+
+    A transform with ``takes_seed`` (``WorkerCrop``) is called as ``transform(image, draw_seed)``: the seed is
+    the index's own ``draw_seed`` when it is a :class:`~leanmim.data.sampler.SampleIndex` (GlobalBatchSampler's),
+    else ``sample_draw_seed(seed, 0, index)``, so a sample's crop never depends on the worker or the batch.
 
     A file that fails to decode is warned about once, recorded in ``skipped_files`` and replaced
-    by the next readable file (with that file's label). Failures inside DataLoader worker
-    processes reach the main process's ``skipped_files`` too.
+    by the next readable file (with that file's label; the crop keeps the requested sample's seed).
+    Failures inside DataLoader worker processes reach the main process's ``skipped_files`` too.
     """
 
     def __init__(self, files: list[str], channels: int, transform: nn.Module,
-                 labels: list[int] | None = None, skipped: list[str] | None = None):
+                 labels: list[int] | None = None, skipped: list[str] | None = None, seed: int = 0):
         self.files, self.channels, self.transform, self.labels = files, channels, transform, labels
+        self.seed = seed
+        self._takes_seed = getattr(transform, "takes_seed", False)
         self._log = SkipLog(skipped)
         self._bad: set[int] = set()
 
@@ -124,12 +133,16 @@ class ImageFileDataset(Dataset):
             if i in self._bad:
                 continue
             try:
-                img = load_image(self.files[i], self.channels)
+                img = decode_file(self.files[i], self.channels)
             except Exception as e:  # any decoder error: skip the file, never the epoch
                 self._bad.add(i)
                 self._log.add(self.files[i], one_line(e))
                 continue
-            out = self.transform(img)
+            if self._takes_seed:
+                seed = index.draw_seed if hasattr(index, "draw_seed") else sample_draw_seed(self.seed, 0, index)
+                out = self.transform(img, seed)
+            else:
+                out = self.transform(img)
             return out if self.labels is None else (out, self.labels[i])
         raise DataError(f"none of the {n} image files could be read (e.g. '{self.files[0]}'): "
                         "check the files or pass another --data directory")

@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from . import idx
-from .augment import BatchEvalTransform, BatchMIMAugment, sample_eval_transform, sample_transform
+from .augment import BatchEvalTransform, BatchFlipNormalize, BatchMIMAugment, WorkerCrop, worker_eval_view
 from .common import DataError, SkipLog, TensorImages, channel_stats, check_args, stored_size
 from .folder import (ImageFileDataset, WholeImages, canvas_shape, decode_folder, decode_whole, labelled_layout,
                      list_images)
@@ -28,10 +28,16 @@ class MIMData:
         images ``(canvas uint8 (C, Hc, Wc), size (2,))`` (folders with augmentation); ``batch_transform``
         is then a BatchMIMAugment, or a BatchEvalTransform without augmentation, that the engine applies per
         batch as ``batch_transform(images, generator=..., rank=..., world_size=...)``;
-      * streamed files (a folder larger than the memory budget): a normalized float (C, img_size, img_size)
-        per item, ``batch_transform`` None;
+      * streamed files (a folder larger than the memory budget): uint8 (C, img_size, img_size) per item, the
+        sample's RandomResizedCrop already cut and resized by the loader worker (``WorkerCrop``, seeded by
+        (seed, epoch, index) through GlobalBatchSampler's indices), or the evaluation view without
+        augmentation; ``batch_transform`` is a BatchFlipNormalize (flip + normalize), or a
+        BatchEvalTransform (normalize), applied per batch like the in-memory ones;
       * streamed shards: a :class:`ShardSource` (``len()`` = samples per epoch) whose ``loader(...)`` the
-        engine asks for this process's batches; ``batch_transform`` None.
+        engine asks for this process's batches, uint8 (B, C, img_size, img_size) each, cropped the same way
+        (seeded by each sample's position in its stream); ``batch_transform`` as for streamed files.
+    Every item is uint8; the float work (flip, normalisation, and in memory the crop) is the batch_transform's,
+    on the training device.
     ``skipped_files`` also picks up samples a streaming dataset finds unreadable later (in workers too).
     """
     dataset: Dataset | ShardSource
@@ -65,7 +71,8 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
     directory (its train/ split if it has the labelled layout) or shards (their train split).
 
     ``augment=False`` swaps RandomResizedCrop + flip for the deterministic evaluation view
-    (BatchEvalTransform in memory; resize + centre crop when streaming). ``samples_per_epoch`` (shards):
+    (BatchEvalTransform in memory; resize + centre crop in the loader workers, then BatchEvalTransform, when
+    streaming). ``samples_per_epoch`` (shards):
     the epoch length, default the shards' sample count from their manifest.
     """
     check_args(img_size, in_chans)
@@ -76,9 +83,11 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
             return BatchMIMAugment(img_size, mean, std, scale=(crop_min_scale, 1.0), hflip=hflip)
         return BatchEvalTransform(img_size, mean, std, crop_size=crop_size)
 
-    def per_sample(mean, std) -> nn.Module:
-        return (sample_transform(img_size, mean, std, crop_min_scale, hflip) if augment
-                else sample_eval_transform(img_size, mean, std))
+    def streamed(mean, std) -> tuple[nn.Module, nn.Module]:
+        """(the loader workers' uint8 transform, the batch transform) for streamed data."""
+        if augment:
+            return WorkerCrop(img_size, scale=(crop_min_scale, 1.0)), BatchFlipNormalize(mean, std, hflip=hflip)
+        return worker_eval_view(img_size), BatchEvalTransform(img_size, mean, std)
 
     if kind == "idx":  # always in memory: the idx file is the decoded array already
         images = idx.idx_images(idx.idx_paths(path)["train_images"])
@@ -86,7 +95,7 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
         return MIMData(TensorImages(images.expand(-1, in_chans, -1, -1)), batch_transform(mean, std),
                        mean, std, len(images), [], name, True)
     if kind == "shards":
-        return _shard_data(path, name, in_chans, per_sample, samples_per_epoch, shuffle_buffer)
+        return _shard_data(path, name, in_chans, streamed, samples_per_epoch, shuffle_buffer)
     layout = labelled_layout(path)
     files = list_images(layout[0] if layout else path)
     size = stored_size(img_size)
@@ -107,11 +116,12 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
     if in_memory:
         return MIMData(TensorImages(images), batch_transform(mean, std, crop_size=img_size), mean, std,
                        len(files), skipped, name, True)
-    dataset = ImageFileDataset(files, in_chans, per_sample(mean, std), skipped=skipped)
-    return MIMData(dataset, None, mean, std, len(files), skipped, name, False)
+    worker_transform, device_transform = streamed(mean, std)
+    dataset = ImageFileDataset(files, in_chans, worker_transform, skipped=skipped)
+    return MIMData(dataset, device_transform, mean, std, len(files), skipped, name, False)
 
 
-def _shard_data(path: str, name: str, in_chans: int, per_sample, samples_per_epoch: int,
+def _shard_data(path: str, name: str, in_chans: int, streamed, samples_per_epoch: int,
                 shuffle_buffer: int) -> MIMData:
     spec = open_shards(path)
     urls, count = spec.splits["train"], spec.counts.get("train")
@@ -126,8 +136,10 @@ def _shard_data(path: str, name: str, in_chans: int, per_sample, samples_per_epo
     else:
         mean, std = _stream_stats(urls, in_chans)
     log = SkipLog()
-    source = ShardSource(urls, in_chans, per_sample(mean, std), samples_per_epoch, shuffle_buffer, log)
-    return MIMData(source, None, mean, std, count if count is not None else samples_per_epoch, [], name, False)
+    worker_transform, device_transform = streamed(mean, std)
+    source = ShardSource(urls, in_chans, worker_transform, samples_per_epoch, shuffle_buffer, log)
+    return MIMData(source, device_transform, mean, std, count if count is not None else samples_per_epoch, [], name,
+                   False)
 
 
 def _stream_stats(urls: list[str], in_chans: int, limit: int = 512):

@@ -8,6 +8,24 @@ import torch
 from torch.utils.data import Sampler
 
 from ..config import ConfigError
+from .common import sample_draw_seed
+
+
+class SampleIndex(int):
+    """A dataset index that also carries the seed of the sample's random draws in this epoch (``draw_seed``).
+
+    It is an int everywhere (tensor indexing, ``Subset``, lists), so datasets that ignore the seed take it
+    as a plain index; a streamed folder (``ImageFileDataset``) seeds the sample's crop with it."""
+
+    draw_seed: int
+
+    def __new__(cls, index: int, draw_seed: int) -> "SampleIndex":
+        value = super().__new__(cls, index)
+        value.draw_seed = draw_seed
+        return value
+
+    def __reduce__(self):  # sent to loader workers by pickle: keep the seed
+        return SampleIndex, (int(self), self.draw_seed)
 
 
 class GlobalBatchSampler(Sampler[list[int]]):
@@ -15,6 +33,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     The order depends only on (seed, epoch), so resuming at an epoch boundary repeats the
     uninterrupted order, and process r of W sees images [r·B, (r+1)·B) of each global batch of W·B.
+    Each index is a :class:`SampleIndex` whose ``draw_seed`` is ``sample_draw_seed(seed, epoch, index)``:
+    a streamed sample's crop depends on (seed, epoch, index) only, not on its batch, process or worker.
     """
 
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
@@ -47,4 +67,5 @@ class GlobalBatchSampler(Sampler[list[int]]):
             self.resume_at = None
         for step in range(first, len(self)):
             start = step * global_batch + self.rank * self.batch_size
-            yield order[start:start + self.batch_size].tolist()
+            yield [SampleIndex(index, sample_draw_seed(self.seed, self.epoch, index))
+                   for index in order[start:start + self.batch_size].tolist()]

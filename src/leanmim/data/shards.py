@@ -14,7 +14,8 @@ Streaming for pretraining (``ShardSpec.loader``), one process of ``world_size``,
     epoch e: shards in a random order seeded by (seed, e), repeated as needed; slot s reads the
              shards at positions s, s + slots, s + 2·slots, …
       ─ tar samples ─ shuffle buffer (seeded by seed, e, s) ─ raw batches of B samples
-      ─ decode + augment in the worker (torch RNG seeded per batch) ─▶ float (B, C, img, img)
+      ─ decode + crop in the worker (each sample's crop seeded by its position in the slot's stream)
+      ─▶ uint8 (B, C, img, img); the engine's batch_transform flips and normalizes on the device
     the DataLoader takes batches from the workers in turn; an epoch is samples_per_epoch // (B·world)
     batches per process, split evenly between the workers.
 
@@ -24,8 +25,8 @@ as ``SHARD:KEY``; an unreadable shard is skipped and named too.
 
 Resume guarantee: exact. Each epoch's stream is a function of (seed, epoch, rank, world size, workers),
 and a run resumed after k batches of an epoch regenerates that epoch's streams and fast-forwards each
-worker past the raw batches it had delivered without decoding them; per-batch augmentation seeds make the
-rest identical. Exact provided the resumed run has the same number of processes and ``--num-workers``
+worker past the raw batches it had delivered without decoding them; per-sample crop seeds (per-batch torch
+seeds for a transform without ``takes_seed``) make the rest identical. Exact provided the resumed run has the same number of processes and ``--num-workers``
 (otherwise the data order changes, the run still continues), and no batch of the skipped part was wholly
 unreadable.
 """
@@ -47,7 +48,7 @@ from braceexpand import braceexpand
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .common import DataError, SkipLog, image_mode, load_image, one_line, worker_start_method
+from .common import DataError, SkipLog, decode_bytes, image_mode, mix_seed, one_line, worker_start_method
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = "leanmim-shards/1"
@@ -177,7 +178,7 @@ def decode_sample(sample: dict[str, Any], channels: int) -> tuple[torch.Tensor, 
     if image is None:
         raise DataError(f"no image member ({', '.join(IMAGE_KEYS)}) in the sample, only {sorted(k for k in sample if not k.startswith('__'))}")
     label = int(sample["cls"]) if "cls" in sample else None
-    return load_image(io.BytesIO(image), channels), label
+    return decode_bytes(image, channels), label
 
 
 def first_image_mode(urls: list[str]) -> str | None:
@@ -194,7 +195,10 @@ def first_image_mode(urls: list[str]) -> str | None:
 # ----------------------------------------------------------------------------- the training stream
 
 class ShardStream(IterableDataset):
-    """One process's stream of augmented batches: float (B, C, img, img) per item, ``__len__`` batches per epoch.
+    """One process's stream of batches: transform(uint8 (C, H, W)) stacked per item (with WorkerCrop, uint8
+    (B, C, img, img)), ``__len__`` batches per epoch. A transform with ``takes_seed`` is called as
+    ``transform(image, draw_seed)``, the seed a function of the sample's position in its slot's stream; any other
+    runs under torch's generator seeded per batch.
 
     Built by :meth:`ShardSpec`-based :class:`ShardSource.loader`; ``epoch`` and ``skip`` (batches of this epoch
     already trained) are set by the loader in the main process before its workers start.
@@ -229,6 +233,7 @@ class ShardStream(IterableDataset):
         samples = _endless(self.shard_order(self.epoch, slot, slots), self.log)
         shuffled = wds.shuffle(bufsize=self.shuffle_buffer, initial=min(self.shuffle_buffer, 1000),
                                seed=self.seed * 1_000_003 + self.epoch * 7919 + slot)(samples)
+        stream_seed = mix_seed(0x53484152, self.seed, self.epoch, slot, slots)  # 0x53484152: "SHAR"
         delivered = 0
         for index in itertools.count():
             raw = list(itertools.islice(shuffled, self.batch_size))
@@ -238,13 +243,17 @@ class ShardStream(IterableDataset):
                 delivered += 1
                 continue
             seed = (((self.seed * 1_000_003 + self.epoch) * 1009 + self.rank) * 1009 + logical) * 1_000_003 + index
-            batch = self._decode(raw, seed % (1 << 63))
+            position = index * self.batch_size  # of the batch's first sample in this slot's stream, this epoch
+            draw_seeds = [mix_seed(stream_seed, position + j) for j in range(self.batch_size)]
+            batch = self._decode(raw, seed % (1 << 63), draw_seeds)
             if batch is not None:
                 delivered += 1
                 yield batch
 
-    def _decode(self, raw: list[dict[str, Any]], seed: int) -> torch.Tensor | None:
-        """Decode and augment B raw samples; a bad sample is replaced by the batch's next good one."""
+    def _decode(self, raw: list[dict[str, Any]], seed: int, draw_seeds: list[int]) -> torch.Tensor | None:
+        """Decode and transform B raw samples (``draw_seeds``: each one's, for a ``takes_seed`` transform; ``seed``:
+        the batch's torch seed for any other); a bad sample is replaced by the batch's next good one, cropped
+        with the bad one's seed."""
         decoded: list[torch.Tensor | None] = []
         for sample in raw:
             try:
@@ -257,6 +266,8 @@ class ShardStream(IterableDataset):
             return None
         images = [decoded[i] if decoded[i] is not None else decoded[next((g for g in good if g > i), good[0])]
                   for i in range(len(decoded))]
+        if getattr(self.transform, "takes_seed", False):
+            return torch.stack([self.transform(image, draw) for image, draw in zip(images, draw_seeds)])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return torch.stack([self.transform(image) for image in images])
