@@ -16,14 +16,15 @@ from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import functional as TF
 
 from conftest import tiny_run_config
-from leanmim.checkpoint import load_run
 from leanmim.config import DataConfig
 from leanmim.data import GlobalBatchSampler, build_pretrain_data, write_shards
 from leanmim.data.augment import BatchFlipNormalize, WorkerCrop, crop_box
 from leanmim.data.common import SkipLog, decode_file, load_image, sample_draw_seed
 from leanmim.data.sampler import SampleIndex
 from leanmim.data.shards import ShardSource, open_shards
-from leanmim.engine import TrainingInterrupted, pretrain
+from leanmim.train.pretrain import pretrain
+from leanmim.train.trainer import TrainingInterrupted
+from leanmim.weights import load_run
 
 
 def make_photo_folder(root: Path, count: int = 24, channels: int = 3) -> Path:

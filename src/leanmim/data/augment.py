@@ -164,11 +164,12 @@ class BatchFlipNormalize(nn.Module):
 
     def forward(self, images: torch.Tensor, generator: torch.Generator | None = None, rank: int = 0,
                 world_size: int = 1) -> torch.Tensor:
-        x = _unit_float(images)
-        if self.hflip:
-            flip = _global_rand(generator, rank, world_size, x.shape[0], dtype=torch.float32) < 0.5
-            x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(-1), x)
-        return x.sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
+        if self.hflip:  # flipped while still uint8: a quarter of the bytes to move
+            flip = _global_rand(generator, rank, world_size, images.shape[0], dtype=torch.float32) < 0.5
+            images = torch.where(flip.to(images.device).view(-1, 1, 1, 1), images.flip(-1), images)
+        scale = 255.0 if images.dtype == torch.uint8 else 1.0  # (x / 255 - mean) / std in two in-place passes
+        mean, std = self.mean.to(images.device) * scale, self.std.to(images.device) * scale
+        return images.to(torch.float32, copy=True).sub_(mean).div_(std)
 
 
 def crop_box(height: int, width: int, draw_seed: int, scale: tuple[float, float] = (0.2, 1.0),
