@@ -173,3 +173,24 @@ def test_streamed_folder_pretrain_interrupted_mid_epoch_and_resumed_equals_unint
     first, second = load_run(tmp_path / "whole").method.state_dict(), load_run(tmp_path / "split").method.state_dict()
     for key in first:
         assert torch.equal(first[key], second[key]), key
+
+
+def test_the_engine_hands_each_sample_its_epoch_seed(tmp_path, monkeypatch, single_thread):
+    """Under the engine the streamed folder receives GlobalBatchSampler's SampleIndex (not a plain int, which would
+    repeat epoch 0's crops every epoch): each (epoch, sample) draws from its own seed."""
+    from leanmim.data import folder as folder_module
+
+    folder = make_photo_folder(tmp_path / "photos", count=32, channels=1)
+    seen = []
+    original = folder_module.ImageFileDataset.__getitem__
+
+    def spy(self, index):
+        seen.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(folder_module.ImageFileDataset, "__getitem__", spy)
+    run = tiny_run_config(folder, tmp_path / "run", epochs=2, batch_size=16)
+    run.data = DataConfig(path=str(folder), num_workers=0, max_memory_gb=0)  # in this process, to be seen
+    pretrain(run)
+    assert len(seen) == 64 and all(isinstance(index, SampleIndex) for index in seen)
+    assert {index.draw_seed for index in seen} == {sample_draw_seed(0, epoch, i) for epoch in (0, 1) for i in range(32)}
