@@ -14,7 +14,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # The demo recipe follows the precision `--precision auto` picks on this machine: bf16 (CPU with
 # AVX512-BF16/AMX, or a GPU) runs configs/demo.yaml, fp32 the shorter configs/demo-fp32.yaml, so both
 # fit 15 minutes on 2 cores. Override: make demo DEMO_CONFIG=configs/demo.yaml
-DEMO_CONFIG ?= $(shell $(BIN)/python -c 'from leanmim.engine import bf16_supported; \
+DEMO_CONFIG ?= $(shell $(BIN)/python -c 'from leanmim.train.precision import bf16_supported; \
   print("configs/demo.yaml" if bf16_supported() else "configs/demo-fp32.yaml")')
 
 .PHONY: setup data demo test check-install clean

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from leanmim.bench import cpu_model
+from leanmim.eval.bench import cpu_model
 from leanmim.config import ModelConfig
-from leanmim.encoder import attention_modules, training_attention
-from leanmim.finetune import Classifier, prepare_encoder
+from leanmim.parts.encoder import attention_modules, training_attention
+from leanmim.parts.classifier import Classifier, prepare_encoder
 from leanmim.methods import build_method
 
 DEMO = dict(name="vit_tiny_patch16", img_size=28, patch_size=4, in_chans=1, embed_dim=192, depth=8, num_heads=3,

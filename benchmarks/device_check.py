@@ -6,7 +6,7 @@ Parts, in order, each time-boxed (``--minutes`` scales the boxes; the default fi
 1. ``ceiling``: a large bf16 matrix product (8192^3 on CUDA), median of timed products on random data (CUDA events).
 2. ``steps``: each method's training step (forward + backward + fused AdamW) at ViT-B/16 224 px under bf16 autocast,
    the largest batch of ``BATCHES`` that fits, eager and ``torch.compile``: images/s, peak memory, and the fraction of
-   the ceiling = counted MACs (``leanmim.cost.count_train_step``, torch's FlopCounterMode) x 2 x images/s / ceiling.
+   the ceiling = counted MACs (``leanmim.eval.cost.count_train_step``, torch's FlopCounterMode) x 2 x images/s / ceiling.
    MAE's eager rate is set beside the published 313 images/s (RTX A6000) as a ratio per TFLOP/s of peak.
 3. ``cli``: the real ``leanmim pretrain`` (a subprocess) for ``CLI_SECONDS`` on JPEGs written here from Fashion-MNIST
    at 224 px, streamed from disk (``--max-memory-gb`` tiny) with as many loader workers as the machine has cores;
@@ -63,10 +63,10 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from leanmim import api  # noqa: E402
 from leanmim.config import ModelConfig  # noqa: E402
-from leanmim.cost import count_train_step  # noqa: E402
+from leanmim.eval.cost import count_train_step  # noqa: E402
 from leanmim.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx  # noqa: E402
-from leanmim.encoder import training_attention  # noqa: E402
-from leanmim.engine import parameter_groups  # noqa: E402
+from leanmim.parts.encoder import training_attention  # noqa: E402
+from leanmim.train.optim import parameter_groups  # noqa: E402
 from leanmim.methods import build_method  # noqa: E402
 
 METHODS = ("mae", "pcae", "prmim", "lomar", "ddae")

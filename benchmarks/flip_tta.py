@@ -1,7 +1,7 @@
 """Mirror-image test-time augmentation for finished fine-tunings, decided on validation, reported on test.
 
 For each fine-tuning directory: top-1 of its selected classifier on its own validation split without and with
-horizontal-flip averaging (``leanmim.finetune.evaluate_finetuned``); the protocol with the higher validation top-1
+horizontal-flip averaging (``leanmim.eval.finetuned.evaluate_finetuned``); the protocol with the higher validation top-1
 is chosen (a tie keeps the plain one), and only then is the test split evaluated, once, with the chosen protocol.
 
     python benchmarks/flip_tta.py runs/finetune_recipes/NAME [more fine-tuning directories]
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from leanmim.config import ConfigError
 from leanmim.data import DataError
-from leanmim.finetune import evaluate_finetuned
+from leanmim.eval.finetuned import evaluate_finetuned
 
 
 def decide_and_report(path: Path) -> dict:

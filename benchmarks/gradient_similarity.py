@@ -24,7 +24,7 @@ import torch
 
 from leanmim.config import ModelConfig
 from leanmim.methods import build_method
-from leanmim.tokens import BatchRandom, num_visible
+from leanmim.parts.tokens import BatchRandom, num_visible
 
 FASHION_MNIST = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from leanmim import api
-from leanmim.checkpoint import load_run
+from leanmim.weights import load_run
 from leanmim.config import ConfigError
-from leanmim.finetune import labelled_data
+from leanmim.train.finetune_data import labelled_data
 
 FINETUNE_ARMS = {"MAE fine-tune": "mae", "PR-MIM fine-tune": "prmim", "supervised from scratch": "mae"}
 PROBE_ARMS = {"raw pixels": ("mae", "raw"), "random encoder": ("mae", "random"),

@@ -38,8 +38,8 @@ from typing import Any
 import torch
 
 from leanmim import api
-from leanmim.bench import cpu_model
-from leanmim.checkpoint import load_run
+from leanmim.eval.bench import cpu_model
+from leanmim.weights import load_run
 from leanmim.config import RunConfig
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ For each seed, and for each method in turn:
 Baselines (same splits): raw pixels, a random encoder (the MAE architecture, untrained, one per seed), and with
 fine-tuning the supervised baseline: the same architecture fine-tuned from scratch with the same recipe (first seed).
 
-Pretraining compute of a run: counted MACs (``leanmim.cost`` training-step MACs per image × images seen) and
+Pretraining compute of a run: counted MACs (``leanmim.eval.cost`` training-step MACs per image × images seen) and
 measured training seconds. Written to ``--results`` (default ``benchmarks/results/``): ``quality.md`` (table,
 mean ± sample standard deviation over seeds), ``quality.json`` (every figure, per seed) and
 ``quality_pareto.png`` (accuracy against pretraining compute, in MACs and in seconds).
@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from leanmim import api
-from leanmim.bench import cpu_model, machine_info
+from leanmim.eval.bench import cpu_model, machine_info
 from leanmim.config import ConfigError, RunConfig
 from leanmim.data import FASHION_MNIST_DIR, read_idx
 from leanmim.methods import METHODS

@@ -19,8 +19,8 @@ import time
 import torch
 
 from leanmim.config import ModelConfig
-from leanmim.cost import count_train_step
-from leanmim.encoder import training_attention
+from leanmim.eval.cost import count_train_step
+from leanmim.parts.encoder import training_attention
 from leanmim.methods import build_method
 
 CONFIGS = {

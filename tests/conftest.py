@@ -67,7 +67,7 @@ def tiny_model(**overrides) -> ModelConfig:
 def train_steps(method, images, steps: int = 12, lr: float = 2e-3) -> list[float]:
     """AdamW steps on one fixed batch (same masking each step); the losses, for 'a few steps lower the loss' tests."""
     import torch
-    from leanmim.tokens import BatchRandom
+    from leanmim.parts.tokens import BatchRandom
 
     optimizer = torch.optim.AdamW(method.parameters(), lr=lr)
     losses = []

@@ -30,7 +30,7 @@ def reference_random_masking(x, noise, mask_ratio):
 def assert_same_as_hf_vitmae(method, hf, seed, num_images=3):
     """leanmim's MAE and a transformers ViTMAEForPreTraining given the same images and noise: same mask,
     predictions and loss."""
-    from leanmim.tokens import BatchRandom
+    from leanmim.parts.tokens import BatchRandom
 
     channels, size = method.encoder.patch_embed.proj.in_channels, hf.config.image_size
     images = torch.randn(num_images, channels, size, size)

@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from timm.layers import Attention
 
 from leanmim.config import ModelConfig
-from leanmim.encoder import attention_modules, training_attention
-from leanmim.finetune import Classifier, FinetuneModule, prepare_encoder
+from leanmim.parts.encoder import attention_modules, training_attention
+from leanmim.parts.classifier import Classifier, prepare_encoder
+from leanmim.train.finetune import FinetuneModule
 from leanmim.methods import build_method
-from leanmim.relpos import RelPosAttention, relative_buckets
+from leanmim.parts.relpos import RelPosAttention, relative_buckets
 
 TINY = ModelConfig(name="vit_tiny_patch16", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
                    num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2).resolved(16, 1)
@@ -110,7 +111,7 @@ def test_a_finetune_training_step_runs_explicit_attention_under_bf16():
 
 
 def test_peak_train_memory_measures_the_kernel_training_runs():
-    from leanmim.cost import peak_train_memory
+    from leanmim.eval.cost import peak_train_memory
 
     method = build_method("mae", TINY, {})
     seen = []

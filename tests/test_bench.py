@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from leanmim import api
-from leanmim.bench import format_bench_table, resolve_methods
+from leanmim.eval.bench import format_bench_table, resolve_methods
 from leanmim.cli import main
 from leanmim.config import ConfigError
 from leanmim.methods import METHODS

@@ -10,9 +10,9 @@ import torch
 import yaml
 
 from conftest import tiny_run_config
-from leanmim.checkpoint import load_run
+from leanmim.weights import load_run
 from leanmim.cli import main
-from leanmim.engine import pretrain
+from leanmim.train.pretrain import pretrain
 
 TINY = ["--img-size", "16", "--patch-size", "4", "--embed-dim", "32", "--depth", "2", "--num-heads", "2",
         "--decoder-embed-dim", "32", "--decoder-depth", "1", "--decoder-num-heads", "2", "--precision", "32",

@@ -19,8 +19,10 @@ import torch
 from conftest import make_tiny_idx_dataset, tiny_run_config
 from leanmim.cli import main, worker_error
 from leanmim.config import ConfigError, FinetuneConfig, RunConfig
-from leanmim.engine import TrainingInterrupted, pretrain
-from leanmim.run import RUN_FILE, check_output_file, data_fingerprint, remove_stale_temporaries, write_run_file
+from leanmim.train.pretrain import pretrain
+from leanmim.train.trainer import TrainingInterrupted
+from leanmim.files import RUN_FILE, remove_stale_temporaries
+from leanmim.train.run import check_output_file, data_fingerprint, write_run_file
 from test_runs import SendSignalAtStep
 
 

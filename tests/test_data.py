@@ -14,9 +14,8 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
 from leanmim import data as D
-from leanmim.data import (BatchEvalTransform, BatchMIMAugment, DataError, ImageFileDataset,
-                          build_labelled_splits, build_pretrain_data, default_channels,
-                          default_img_size, denormalize, load_image, read_idx)
+from leanmim.data import (BatchEvalTransform, BatchMIMAugment, DataError, ImageFileDataset, build_labelled_splits,
+                          build_pretrain_data, default_channels, default_img_size, denormalize, load_image, read_idx)
 
 
 def write_idx(path, arr: np.ndarray, gz: bool) -> None:

@@ -5,11 +5,11 @@ import torch
 
 from conftest import tiny_model
 from leanmim.config import ConfigError
-from leanmim.cost import count_forward
+from leanmim.eval.cost import count_forward
 from leanmim.methods import build_method
-from leanmim.teacher import cosine_momentum
-from leanmim.tokens import BatchRandom
-from leanmim.weighting import depth_beta, distance_to_visible, dynamic_weights
+from leanmim.parts.teacher import cosine_momentum
+from leanmim.parts.tokens import BatchRandom
+from leanmim.parts.weighting import depth_beta, distance_to_visible, dynamic_weights
 
 
 def test_distance_to_visible_on_a_hand_drawn_mask():

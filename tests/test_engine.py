@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from leanmim.checkpoint import load_run, read_checkpoint
+from leanmim.weights import load_run, read_checkpoint
 from leanmim.config import ConfigError
-from leanmim.engine import GlobalBatchSampler, NonFiniteLossError, pretrain, warmup_cosine
+from leanmim.data.sampler import GlobalBatchSampler
+from leanmim.train.optim import warmup_cosine
+from leanmim.train.pretrain import pretrain
+from leanmim.train.trainer import NonFiniteLossError
 
 
 class StopAfterEpoch(L.Callback):

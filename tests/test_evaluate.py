@@ -5,14 +5,8 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from leanmim.evaluate import (
-    ProbeResult,
-    extract_features,
-    knn_accuracy,
-    linear_probe_accuracy,
-    probe,
-    raw_pixel_features,
-)
+from leanmim.eval.probe import (ProbeResult, extract_features, knn_accuracy, linear_probe_accuracy, probe,
+                                raw_pixel_features)
 
 
 # ----------------------------------------------------------------------------- kNN

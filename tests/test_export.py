@@ -7,7 +7,7 @@ import torch
 
 from conftest import tiny_model
 from leanmim.config import ConfigError
-from leanmim.encoder import pool_features
+from leanmim.parts.encoder import pool_features
 from leanmim.methods import build_method
 from leanmim.weights import export_encoder, export_hf
 from reference_mae import assert_same_as_hf_vitmae

@@ -17,11 +17,14 @@ from conftest import tiny_model, tiny_run_config, write_idx
 from leanmim import api
 from leanmim.cli import main
 from leanmim.data import BatchMIMAugment, read_idx
-from leanmim.engine import pretrain
+from leanmim.train.pretrain import pretrain
 from leanmim.weights import timm_create_kwargs
-from leanmim.checkpoint import load_run
-from leanmim.finetune import (Classifier, FinetuneConfig, TrainAugment, initial_encoder, labelled_data,
-                              layer_decay_groups, load_finetuned, prepare_encoder, supports_token_drop)
+from leanmim.weights import load_run
+from leanmim.config import FinetuneConfig
+from leanmim.parts.classifier import Classifier, initial_encoder, prepare_encoder, supports_token_drop
+from leanmim.train.finetune_data import TrainAugment, labelled_data
+from leanmim.train.optim import layer_decay_groups
+from leanmim.weights import load_finetuned
 from leanmim.methods import METHODS, build_method
 
 FAST = dict(batch_size=32, lr=3e-3, precision="32", progress_bar=False, log_every_steps=1)
@@ -387,7 +390,7 @@ def test_a_stopped_pretraining_is_flagged_by_probe_and_finetune(pretrained, tiny
 
 
 def test_evaluate_finetuned_reproduces_the_recorded_figures_and_averages_mirror_views(pretrained, finetuned):
-    from leanmim.finetune import evaluate_finetuned
+    from leanmim.eval.finetuned import evaluate_finetuned
 
     out = pretrained / "finetune"
     assert evaluate_finetuned(out, "val") == finetuned["selected_val_top1"]       # the same split, weights, precision
@@ -421,7 +424,7 @@ def make_mirror_classes(root):
 def test_eval_hflip_validates_selects_and_tests_with_mirror_averaging(pretrained, tmp_path):
     """On classes that are each other's mirror image, mirror averaging must wreck what the plain evaluation gets
     right; --eval-hflip changes what is measured (every recorded figure), never what is trained."""
-    from leanmim.finetune import evaluate_finetuned
+    from leanmim.eval.finetuned import evaluate_finetuned
 
     data, settings = str(make_mirror_classes(tmp_path / "mirrored")), dict(UNINTERRUPTED, hflip=False)
     plain = api.finetune(pretrained, out=str(tmp_path / "plain"), data=data, **settings)

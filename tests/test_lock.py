@@ -11,9 +11,10 @@ import time
 import pytest
 
 from leanmim.config import ConfigError
-from leanmim.run import LOCK_FILE, RunLock, check_run_directory
+from leanmim.train.lock import LOCK_FILE, RunLock
+from leanmim.train.run import check_run_directory
 
-HOLD = ("import sys, time; from leanmim.run import hold_directory; hold_directory(sys.argv[1]); "
+HOLD = ("import sys, time; from leanmim.train.lock import hold_directory; hold_directory(sys.argv[1]); "
         "print('held', flush=True); time.sleep(60)")
 
 

@@ -6,7 +6,7 @@ import pytest
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from leanmim.config import ConfigError
-from leanmim.engine import ProgressLogger, build_loggers
+from leanmim.train.trainer import ProgressLogger, build_loggers
 
 
 def test_logger_names_select_lightning_loggers(tmp_path):

@@ -7,12 +7,13 @@ from torch import nn
 
 from conftest import tiny_model, train_steps
 from leanmim.config import ConfigError
-from leanmim.cost import count_forward
+from leanmim.eval.cost import count_forward
 from leanmim.weights import export_encoder, load_relpos_encoder
-from leanmim.losses import normalized_pixels
+from leanmim.parts.losses import normalized_pixels
 from leanmim.methods import build_method
-from leanmim.relpos import CLS_BUCKET, RelPosAttention, RelPosBlock, RelPosViTEncoder, axis_bucket, relative_buckets
-from leanmim.tokens import BatchRandom, random_mask_of_size, random_windows
+from leanmim.parts.relpos import (CLS_BUCKET, RelPosAttention, RelPosBlock, RelPosViTEncoder, axis_bucket,
+                                  relative_buckets)
+from leanmim.parts.tokens import BatchRandom, random_mask_of_size, random_windows
 
 
 def lomar(window_size=2, num_windows=3, **model):

@@ -5,10 +5,10 @@ import torch
 
 from conftest import tiny_model
 from leanmim.config import ConfigError, ModelConfig
-from leanmim.cost import count_forward, count_train_step, method_cost
-from leanmim.losses import normalized_pixels, reconstruction_loss, weighted_mean, per_token_mse
+from leanmim.eval.cost import count_forward, count_train_step, method_cost
+from leanmim.parts.losses import normalized_pixels, reconstruction_loss, weighted_mean, per_token_mse
 from leanmim.methods import build_method
-from leanmim.tokens import BatchRandom
+from leanmim.parts.tokens import BatchRandom
 from reference_mae import ReferenceMAE
 
 
@@ -97,7 +97,7 @@ def test_per_token_mse_shape():
 def test_sincos_table_follows_the_mae_reference_formula():
     """First half of the channels: the column w, second half: the row h; each half [sin | cos] over
     ω_k = 1/10000^(k/(D/4)); tokens in row-major order. Built here entry by entry from that formula."""
-    from leanmim.encoder import sincos_pos_embed
+    from leanmim.parts.encoder import sincos_pos_embed
 
     rows, cols, dim = 3, 4, 16
     quarter = dim // 4
@@ -120,7 +120,7 @@ def test_sincos_table_follows_the_mae_reference_formula():
 
 
 def test_old_checkpoints_without_a_stored_table_get_the_table_they_were_trained_with():
-    from leanmim.encoder import legacy_sincos_pos_embed
+    from leanmim.parts.encoder import legacy_sincos_pos_embed
 
     mae = build_method("mae", tiny_model(in_chans=3).resolved(), {})
     state = {key: value for key, value in mae.state_dict().items() if not key.endswith("pos_embed")}

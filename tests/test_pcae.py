@@ -5,15 +5,15 @@ import torch
 from torch import nn
 
 from conftest import tiny_model
-from leanmim.compression import (drop_fraction, keep_fraction, rescale_blocks_of_12, run_blocks_compressed,
-                                 similarity_to_mean, teacher_blocks_for_depth)
-from leanmim.deep_supervision import supervised_blocks_for_depth
+from leanmim.parts.compression import (drop_fraction, keep_fraction, rescale_blocks_of_12, run_blocks_compressed,
+                                       similarity_to_mean, teacher_blocks_for_depth)
+from leanmim.parts.deep_supervision import supervised_blocks_for_depth
 from leanmim.config import ConfigError
-from leanmim.cost import count_forward, count_train_step, method_cost, parameter_counts
-from leanmim.losses import normalized_pixels, standardize_tokens
+from leanmim.eval.cost import count_forward, count_train_step, method_cost, parameter_counts
+from leanmim.parts.losses import normalized_pixels, standardize_tokens
 from leanmim.methods import build_method
-from leanmim.teacher import cosine_momentum
-from leanmim.tokens import BatchRandom, patchify
+from leanmim.parts.teacher import cosine_momentum
+from leanmim.parts.tokens import BatchRandom, patchify
 
 
 def deep_tiny_model(**overrides):

@@ -5,10 +5,10 @@ import torch
 
 from conftest import tiny_model, train_steps
 from leanmim.config import ConfigError
-from leanmim.cost import _profiled_peak_bytes, count_forward, peak_train_memory
+from leanmim.eval.cost import _profiled_peak_bytes, count_forward, peak_train_memory
 from leanmim.methods import build_method
-from leanmim.partial import ProgressiveReconstruction, decode_with_late_queries, num_thrown, split_masked
-from leanmim.tokens import BatchRandom, furthest_point_sampling, gather_tokens, grid_coordinates, random_masking
+from leanmim.parts.partial import ProgressiveReconstruction, decode_with_late_queries, num_thrown, split_masked
+from leanmim.parts.tokens import BatchRandom, furthest_point_sampling, gather_tokens, grid_coordinates, random_masking
 
 
 def masking_for(batch_size=4, num_patches=64, mask_ratio=0.75, seed=0):

@@ -16,10 +16,13 @@ import pytest
 import torch
 
 from conftest import tiny_run_config
-from leanmim.checkpoint import newest_checkpoint
+from leanmim.weights import newest_checkpoint
 from leanmim.config import ConfigError
-from leanmim.engine import TrainingInterrupted, pretrain, resume_position
-from leanmim.run import RUN_FILE, check_output_file, data_fingerprint, dumps_strict, identity_differences
+from leanmim.train.optim import resume_position
+from leanmim.train.pretrain import pretrain
+from leanmim.train.trainer import TrainingInterrupted
+from leanmim.files import RUN_FILE, dumps_strict
+from leanmim.train.run import check_output_file, data_fingerprint, identity_differences
 
 
 def files_state(root: Path) -> dict[str, tuple[bytes, int]]:

@@ -18,14 +18,15 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from conftest import make_tiny_idx_dataset, tiny_run_config
-from leanmim.checkpoint import load_run
+from leanmim.weights import load_run
 from leanmim.cli import main
 from leanmim.config import DataConfig
 from leanmim.data import DataError, build_labelled_splits, build_pretrain_data, default_img_size, write_shards
 from leanmim.data.augment import sample_transform
 from leanmim.data.common import SkipLog, worker_start_method
 from leanmim.data.shards import ShardSource, open_shards
-from leanmim.engine import TrainingInterrupted, pretrain
+from leanmim.train.pretrain import pretrain
+from leanmim.train.trainer import TrainingInterrupted
 
 
 def make_labelled_folder(root: Path, per_class: int = 3) -> None:

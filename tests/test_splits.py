@@ -6,10 +6,10 @@ from PIL import Image
 
 from conftest import tiny_run_config
 from leanmim import api
-from leanmim.engine import pretrain
+from leanmim.train.pretrain import pretrain
 from leanmim.config import ConfigError
 from leanmim.data import TensorImages
-from leanmim.splits import carve_splits, class_subset, dataset_labels, folder_val_split, stratified_split
+from leanmim.data.splits import carve_splits, class_subset, dataset_labels, folder_val_split, stratified_split
 
 # 3 classes of 50, 30 and 7 images, interleaved
 LABELS = torch.tensor([0] * 50 + [1] * 30 + [2] * 7)[torch.randperm(87, generator=torch.Generator().manual_seed(1))]

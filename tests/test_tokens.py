@@ -1,7 +1,7 @@
 import torch
 
-from leanmim.tokens import (BatchRandom, gather_tokens, num_visible, patchify, random_masking, scatter_tokens,
-                            unpatchify)
+from leanmim.parts.tokens import (BatchRandom, gather_tokens, num_visible, patchify, random_masking, scatter_tokens,
+                                  unpatchify)
 
 
 def test_patchify_unpatchify_roundtrip_and_layout():

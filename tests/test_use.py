@@ -18,7 +18,7 @@ from conftest import tiny_model, tiny_run_config
 from test_finetune import StopAfterEpoch
 from leanmim import api
 from leanmim.cli import main
-from leanmim.engine import pretrain
+from leanmim.train.pretrain import pretrain
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CLASSES = ["cat", "dog"]

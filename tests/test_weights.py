@@ -9,9 +9,9 @@ from safetensors.torch import save_file
 
 from conftest import tiny_model, tiny_run_config
 from leanmim.config import ConfigError
-from leanmim.encoder import ViTEncoder
+from leanmim.parts.encoder import ViTEncoder
 from leanmim.methods import build_method
-from leanmim.tokens import BatchRandom
+from leanmim.parts.tokens import BatchRandom
 from leanmim.weights import init_method_from, load_encoder, model_from_weights, read_weights
 from reference_mae import assert_same_as_hf_vitmae, random_reference_state, reference_mae_forward
 
@@ -144,8 +144,8 @@ def read_weights_from_state(state):
 
 
 def test_pretrain_init_from_starts_there_and_resume_ignores_it(tiny_data, tmp_path):
-    from leanmim.checkpoint import load_run
-    from leanmim.engine import pretrain
+    from leanmim.weights import load_run
+    from leanmim.train.pretrain import pretrain
 
     state = random_reference_state(chans=1)
     state["decoder_pred.weight"], state["decoder_pred.bias"] = state["decoder_pred.weight"][:16], state["decoder_pred.bias"][:16]
@@ -168,7 +168,7 @@ def test_pretrain_init_from_starts_there_and_resume_ignores_it(tiny_data, tmp_pa
 
 
 def test_leanmim_run_and_export_read_back(tiny_data, tmp_path):
-    from leanmim.engine import pretrain
+    from leanmim.train.pretrain import pretrain
     from leanmim.weights import export_encoder
 
     pretrain(tiny_run_config(tiny_data, tmp_path / "run", max_steps=2))
@@ -176,7 +176,7 @@ def test_leanmim_run_and_export_read_back(tiny_data, tmp_path):
     assert from_run.layout == "leanmim" and from_run.has_decoder()
     fresh = build_method("prmim", tiny_model().resolved(), {})
     init_method_from(fresh, tmp_path / "run")
-    from leanmim.checkpoint import load_run
+    from leanmim.weights import load_run
     trained = load_run(tmp_path / "run").method
     for name, value in trained.state_dict().items():
         assert torch.equal(fresh.state_dict()[name], value), name
@@ -227,7 +227,9 @@ def test_transformers_vit_model_directory_gives_its_forward(tmp_path):
 
 
 def test_finetune_from_published_weights_without_a_run(tiny_data, tmp_path):
-    from leanmim.finetune import FinetuneConfig, finetune, load_finetuned
+    from leanmim.config import FinetuneConfig
+    from leanmim.train.finetune import finetune
+    from leanmim.weights import load_finetuned
 
     torch.save({"model": random_reference_state()}, tmp_path / "mae.pth")   # RGB, 16 px; the data is grayscale
     settings = FinetuneConfig(init_from=str(tmp_path / "mae.pth"), data=str(tiny_data), epochs=1, batch_size=32,

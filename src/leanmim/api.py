@@ -9,27 +9,24 @@ from typing import Any
 
 import torch
 
-from .checkpoint import load_run
 from .config import ConfigError, ModelConfig, RunConfig
-from .encoder import pool_features
-from .run import atomic_write_text, check_output_directory, check_output_file, dumps_strict
+from .files import atomic_write_text, dumps_strict
+from .parts.encoder import pool_features
+from .train.precision import default_device
+from .train.run import check_output_directory, check_output_file
+from .weights import load_run
 
 
 def _quiet(function):
-    """Run ``function`` inside :func:`leanmim.console.quiet` (imported on call: it imports Lightning)."""
+    """Run ``function`` inside :func:`leanmim.train.console.quiet` (imported on call: it imports Lightning)."""
     import functools
 
     @functools.wraps(function)
     def quieted(*args, **kwargs):
-        from .console import quiet
+        from .train.console import quiet
         with quiet():
             return function(*args, **kwargs)
     return quieted
-
-
-def default_device() -> torch.device:
-    """The GPU when torch sees one, else the CPU (probe, reconstruct; pretrain and finetune: Lightning's 'auto')."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pretrain(config: RunConfig | dict | str | Path | None = None, callbacks=(), **settings: Any) -> dict[str, Any]:
@@ -44,7 +41,7 @@ def pretrain(config: RunConfig | dict | str | Path | None = None, callbacks=(), 
     ``model`` (the model name), ``data`` (the data path), ``method``, or an option of the method (``mask_ratio``);
     a whole section may be given as a dict (``train={"epochs": 2}``). An unknown name is a one-line ConfigError.
     """
-    from .engine import pretrain as run_pretraining
+    from .train.pretrain import pretrain as run_pretraining
 
     if config is None:
         values = RunConfig().to_dict()
@@ -110,9 +107,11 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
     images a fine-tune with the same options trains on.
     """
     from .data import build_labelled_splits, default_channels, default_img_size
-    from .engine import bf16_supported, write_summary
-    from .evaluate import probe as run_probe, raw_pixel_features
-    from .splits import carve_splits
+    from .data.splits import carve_splits
+    from .eval.probe import probe as run_probe
+    from .eval.probe import raw_pixel_features
+    from .train.precision import bf16_supported
+    from .train.run import write_summary
 
     if baseline not in (None, "random", "raw"):
         raise ConfigError(f"unknown baseline '{baseline}': use random or raw")
@@ -196,7 +195,7 @@ def reconstruct(run: str | Path, out: str | Path, num_images: int = 8, data: str
     """Draw original / masked / reconstruction / reconstruction + visible for ``num_images`` images
     (an existing ``out`` is refused unless ``overwrite``)."""
     from .data import build_pretrain_data
-    from .reconstruct import reconstruction_panels, save_reconstruction_grid
+    from .eval.reconstruct import reconstruction_panels, save_reconstruction_grid
 
     if not 1 <= num_images <= 256:
         raise ConfigError(f"--num-images must lie between 1 and 256, got {num_images}")
@@ -221,8 +220,7 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
     or, when ``out`` does not end in ``.safetensors``, a timm ``local-dir`` folder (``model.safetensors`` +
     ``config.json``); both carry timm's ``pretrained_cfg`` (input size, the training data's mean/std, pooling).
     ``hf``: a transformers directory (``ViTMAEForPreTraining`` with the decoder, else ``ViTModel``)."""
-    from .finetune import export_finetuned, read_finetune_entry
-    from .weights import export_encoder, export_hf, run_data_stats
+    from .weights import export_encoder, export_finetuned, export_hf, read_finetune_entry, run_data_stats
 
     if format not in ("timm", "hf"):
         raise ConfigError(f"unknown export format '{format}': use timm or hf")
@@ -245,22 +243,22 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
 def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, batch_size: int = 64,
             overwrite: bool = False) -> dict[str, Any]:
     """Classify every image below ``data`` with a fine-tuning's selected classifier; writes a CSV (see
-    :mod:`leanmim.predict`) and returns a summary (rows, skipped images, the CSV's path)."""
-    from .predict import predict as run_predict
+    :mod:`leanmim.eval.predict`) and returns a summary (rows, skipped images, the CSV's path)."""
+    from .eval.predict import predict as run_predict
 
     return run_predict(finetuning, data, out, top_k=top_k, batch_size=batch_size, overwrite=overwrite)
 
 
 def status(run: str | Path) -> dict[str, Any]:
-    """Where a pretraining or fine-tuning run stands (see :mod:`leanmim.status`)."""
-    from .status import run_status
+    """Where a pretraining or fine-tuning run stands (see :mod:`leanmim.eval.status`)."""
+    from .eval.status import run_status
 
     return run_status(run)
 
 
 def runs(directory: str | Path) -> list[dict[str, Any]]:
     """The status of every run below ``directory``."""
-    from .status import find_runs
+    from .eval.status import find_runs
 
     return find_runs(directory)
 
@@ -268,12 +266,13 @@ def runs(directory: str | Path) -> list[dict[str, Any]]:
 def finetune(run: str | Path, callbacks=(), **settings: Any) -> dict[str, Any]:
     """Fine-tune a run's encoder for classification (MAE protocol), like ``leanmim finetune``.
 
-    ``settings`` are :class:`leanmim.finetune.FinetuneConfig` fields (epochs, batch_size, base_lr, lr,
+    ``settings`` are :class:`leanmim.config.FinetuneConfig` fields (epochs, batch_size, base_lr, lr,
     token_drop, pool, val_fraction, labels_per_class, out, precision, …). Rerunning with the same ``out``
     resumes. Returns the results (validation top-1 per epoch; the epoch selected on validation; test top-1
     of the selected and of the last checkpoint), also written to ``OUT/finetune.json``.
     """
-    from .finetune import FinetuneConfig, finetune as run_finetuning
+    from .config import FinetuneConfig
+    from .train.finetune import finetune as run_finetuning
 
     return run_finetuning(run, FinetuneConfig.from_dict(settings, "finetune settings"), callbacks)
 
@@ -287,7 +286,8 @@ def bench(methods: str | list[str] | None = None, model: str = "vit_base_patch16
     """Counted MACs, measured training img/s and peak memory of methods side by side, each relative to MAE,
     like ``leanmim bench``. ``methods``: names or a comma-separated string (default: every registered method);
     ``options``: per-method option overrides; ``plot``: also draw a PNG bar chart there."""
-    from .bench import bench as run_bench, save_bench_plot
+    from .eval.bench import bench as run_bench
+    from .eval.bench import save_bench_plot
 
     if plot is not None:
         check_output_file(plot, overwrite, suffixes=(".png", ".pdf", ".svg"))
@@ -309,7 +309,7 @@ def cost(method: str = "mae", model: str = "vit_base_patch16", img_size: int = 2
          in_chans: int = 3, options: dict[str, Any] | None = None, inference: bool = False,
          model_overrides: dict[str, Any] | None = None, **encoder_kwargs: Any) -> dict[str, Any]:
     """MACs per image (counted) and parameter counts of a method/model, like ``leanmim cost``."""
-    from .cost import method_cost
+    from .eval.cost import method_cost
 
     model_config = ModelConfig(name=model, img_size=img_size, patch_size=patch_size, in_chans=in_chans,
                                **(model_overrides or {})).resolved()

@@ -17,6 +17,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+
+
 DATA_FILE = Path(__file__).with_name("_catalogue_data.py")
 
 

@@ -8,6 +8,7 @@
     augment.py       RandomResizedCrop + flip + normalize, batched (in memory) or per sample (streamed)
     pretrain.py      MIMData / build_pretrain_data: what the engine trains on
     labelled.py      LabelledSplits / build_labelled_splits: what probing and fine-tuning read
+    splits.py        train/validation/test carving (seeded, stratified), label-efficiency subsets
     sampler.py       GlobalBatchSampler: the shuffled batch order, identical on every process, resumable
     common.py        DataError, decoding one image (EXIF orientation applied), in-memory datasets, statistics
 """

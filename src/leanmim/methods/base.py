@@ -9,8 +9,8 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, dataclass_from_dict
-from ..encoder import ViTEncoder
-from ..tokens import BatchRandom
+from ..parts.encoder import ViTEncoder
+from ..parts.tokens import BatchRandom
 
 
 @dataclass

@@ -28,9 +28,9 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, option
-from ..deep_supervision import per_token_feature_loss
-from ..losses import standardize_tokens, weighted_mean
-from ..teacher import cosine_momentum, ema_update, make_teacher
+from ..parts.deep_supervision import per_token_feature_loss
+from ..parts.losses import standardize_tokens, weighted_mean
+from ..parts.teacher import cosine_momentum, ema_update, make_teacher
 from .base import register_method
 from .mae import MAE, MAEOptions
 

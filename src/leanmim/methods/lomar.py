@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, ModelConfig, option
-from ..losses import reconstruction_loss
-from ..relpos import RELATIVE_TERMS, RelPosViTEncoder, check_relative_term
-from ..tokens import BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify
+from ..parts.losses import reconstruction_loss
+from ..parts.relpos import RELATIVE_TERMS, RelPosViTEncoder, check_relative_term
+from ..parts.tokens import BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, option
-from ..decoder import MaskedDecoder
-from ..deep_supervision import DeepSupervision, supervised_blocks_for_depth
-from ..encoder import ViTEncoder
-from ..losses import reconstruction_loss
-from ..tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
-from ..weighting import depth_beta, distance_to_visible, dynamic_weights
+from ..parts.decoder import MaskedDecoder
+from ..parts.deep_supervision import DeepSupervision, supervised_blocks_for_depth
+from ..parts.encoder import ViTEncoder
+from ..parts.losses import reconstruction_loss
+from ..parts.tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
+from ..parts.weighting import depth_beta, distance_to_visible, dynamic_weights
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 

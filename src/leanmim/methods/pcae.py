@@ -22,12 +22,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..compression import (TokenScore, keep_fraction, run_blocks_compressed, similarity_to_mean,
-                           teacher_blocks_for_depth)
+from ..parts.compression import (TokenScore, keep_fraction, run_blocks_compressed, similarity_to_mean,
+                                 teacher_blocks_for_depth)
 from ..config import ConfigError, ModelConfig, option
-from ..losses import normalized_pixels, per_token_cosine_distance, per_token_mse, standardize_tokens
-from ..teacher import cosine_momentum, ema_update, make_teacher
-from ..tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
+from ..parts.losses import normalized_pixels, per_token_cosine_distance, per_token_mse, standardize_tokens
+from ..parts.teacher import cosine_momentum, ema_update, make_teacher
+from ..parts.tokens import BatchRandom, Masking, gather_tokens, patchify, random_masking
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 from .mae import build_decoder, build_encoder
 

@@ -24,10 +24,10 @@ import torch
 from torch import Tensor
 
 from ..config import ConfigError, ModelConfig, option
-from ..losses import normalized_pixels, per_token_mse, weighted_mean
-from ..partial import (THROW_SELECTIONS, ProgressiveReconstruction, decode_with_late_queries, num_thrown,
-                       split_masked)
-from ..tokens import BatchRandom, gather_tokens, num_visible, patchify
+from ..parts.losses import normalized_pixels, per_token_mse, weighted_mean
+from ..parts.partial import (THROW_SELECTIONS, ProgressiveReconstruction, decode_with_late_queries, num_thrown,
+                             split_masked)
+from ..parts.tokens import BatchRandom, gather_tokens, num_visible, patchify
 from .base import MethodOutput, register_method
 from .mae import MAE, MAEOptions
 

@@ -6,10 +6,9 @@ teachers over a chosen subset or the full image, evaluation over the full image.
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
-
 import contextlib
 from functools import partial
+from typing import Iterator, Sequence
 
 import torch
 from timm.layers import PatchEmbed

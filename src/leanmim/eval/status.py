@@ -2,7 +2,7 @@
 
 A run directory (pretraining or fine-tuning) holds ``run.json`` (kind and identity), ``checkpoints/`` (the
 step reached and the schedule's length), ``summary.json`` (its ``progress`` entry is written by the
-run's :class:`leanmim.engine.ProgressLogger` when the run starts and at every logging step: process id, host,
+run's :class:`leanmim.train.trainer.ProgressLogger` when the run starts and at every logging step: process id, host,
 step, last loss, throughput, state) and, for a fine-tuning, ``finetune.json``.
 
 State: ``finished`` (the newest checkpoint ends the schedule; a fine-tuning: its test split was evaluated),
@@ -17,9 +17,8 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError
-from .run import CHECKPOINT_DIR, RUN_FILE, read_json_object
-
+from ..config import ConfigError
+from ..files import CHECKPOINT_DIR, RUN_FILE, read_json_object
 
 
 def process_alive(pid: Any, host: Any) -> bool:
@@ -41,7 +40,7 @@ def checkpoint_facts(directory: Path) -> dict[str, Any]:
     """Step, epoch and schedule length of the newest checkpoint, plus the checkpoint files (memory-mapped reads)."""
     import torch
 
-    from .checkpoint import newest_checkpoint
+    from ..weights import newest_checkpoint
 
     newest = newest_checkpoint(directory / CHECKPOINT_DIR, warn=False)
     facts: dict[str, Any] = {"last_checkpoint": str(newest) if newest else None}

@@ -1,11 +1,10 @@
-"""Reading runs and checkpoints back: the resolved config and the method with its weights.
-
-Checkpoints are Lightning checkpoints with a ``leanmim`` entry (the resolved config as plain
-data). They are always loaded with ``weights_only=True``: no arbitrary object is unpickled.
+"""Reading runs back: a checkpoint's file, its layout check, the resolved config and the method with its weights
+(:func:`load_run`), and a fine-tuning's selected classifier with its records (:func:`load_finetuned`).
 """
 
 from __future__ import annotations
 
+import json
 import pickle
 import warnings
 from dataclasses import dataclass
@@ -14,11 +13,11 @@ from typing import Any
 
 import torch
 
-from .config import ConfigError, RunConfig
-from .methods import MIMMethod, build_method
-from .run import CHECKPOINT_DIR
+from ..config import ConfigError, FinetuneConfig, RunConfig
+from ..files import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
+from ..methods import MIMMethod, build_method
+from ..parts.classifier import Classifier, prepare_encoder
 
-LAST_CHECKPOINT = "last.ckpt"
 STATE_PREFIX = "method."  # the LightningModule holds the method as ``self.method``
 
 
@@ -172,3 +171,91 @@ def unfinished_pretraining(checkpoint: dict, config: RunConfig) -> str | None:
     except (KeyError, TypeError, ValueError):
         return None
     return None if epochs_run >= config.train.epochs else f"epoch {epochs_run} of {config.train.epochs} (step {step})"
+
+
+def read_finetune_entry(path: str | Path) -> dict[str, Any] | None:
+    """The ``leanmim`` entry of a fine-tuning checkpoint, or None for any other file (memory-mapped: cheap)."""
+    try:
+        checkpoint = torch.load(find_checkpoint(path), map_location="cpu", weights_only=True, mmap=True)
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - not a (zip) torch checkpoint: let the regular reader explain
+        return None
+    entry = checkpoint.get("leanmim") if isinstance(checkpoint, dict) else None
+    return entry if isinstance(entry, dict) and "finetune" in entry else None
+
+
+def selected_checkpoint(path: str | Path) -> Path:
+    """A fine-tuning output directory's selected checkpoint (``checkpoints/best.ckpt``; ``last.ckpt`` only when
+    no epoch has been validated yet), or the checkpoint file given."""
+    path = Path(path)
+    if path.is_dir() and (path / CHECKPOINT_DIR / BEST_CHECKPOINT).is_file():
+        return path / CHECKPOINT_DIR / BEST_CHECKPOINT
+    return find_checkpoint(path)
+
+
+@dataclass
+class FinetunedRun:
+    config: RunConfig            # the pretraining run's (resolved) config
+    settings: FinetuneConfig
+    classifier: Classifier       # in eval mode, the evaluated weights (EMA when on) loaded
+    checkpoint_path: Path
+    results: dict[str, Any]
+
+
+def load_finetuned(path: str | Path) -> FinetunedRun:
+    """Rebuild the classifier of a fine-tuning output directory (its selected checkpoint) or checkpoint file."""
+    checkpoint_path = selected_checkpoint(path)
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    entry = checkpoint.get("leanmim", {}) if isinstance(checkpoint, dict) else {}
+    if "finetune" not in entry:
+        raise ConfigError(f"'{checkpoint_path}' is not a fine-tuning checkpoint (made by 'leanmim finetune')")
+    config = RunConfig.from_dict(entry["config"], source=str(checkpoint_path))
+    settings = FinetuneConfig.from_dict(entry["finetune"]["settings"], source=str(checkpoint_path))
+    encoder = prepare_encoder(build_method(config.method, config.model, config.options).encoder, 0.0, settings.pool)
+    classifier = Classifier(encoder, entry["finetune"]["num_classes"], settings.token_drop, settings.pool)
+    prefix = "ema.module." if entry["finetune"].get("weights") == "ema" else "classifier."
+    state = {key[len(prefix):]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    try:
+        classifier.load_state_dict(state)
+    except RuntimeError:
+        raise ConfigError(f"checkpoint '{checkpoint_path}' does not fit the {config.method}/{config.model.name} "
+                          f"classifier: it was written by another version") from None
+    results = {key: entry["finetune"].get(key) for key in ("selected_epoch", "selected_val_top1", "history")}
+    results["global_step"] = int(checkpoint.get("global_step", 0))
+    recorded = finetune_data_stats(checkpoint_path, "class_names") or []
+    names = entry["finetune"].get("class_names") or recorded
+    if len(names) != classifier.head.out_features:   # a fine-tuning made before class names were kept
+        names = [str(i) for i in range(classifier.head.out_features)]
+        warnings.warn(f"'{checkpoint_path}' records no class names (an older fine-tuning): classes are named by "
+                      f"their index 0..{len(names) - 1}; rerun 'leanmim finetune' to keep the folder's names")
+    results["class_names"] = list(names)
+    results["eval_crop_pct"] = float(entry["finetune"].get("eval_crop_pct")
+                                     or finetune_data_stats(checkpoint_path, "eval_crop_pct") or 1.0)
+    return FinetunedRun(config, settings, classifier.eval(), checkpoint_path, results)
+
+
+def finetune_data_stats(checkpoint_path: Path, key: str = "data_stats") -> Any:
+    """The fine-tuning data's mean/std (or another ``key``) recorded in ``OUT/finetune.json`` ({} when absent)."""
+    results = checkpoint_path.parent.parent / RESULTS_FILE
+    try:
+        return json.loads(results.read_text()).get(key) or {}
+    except (OSError, ValueError):
+        return {}
+
+
+def run_data_stats(checkpoint_path: Path, config) -> tuple[list[float] | None, list[float] | None]:
+    """Mean/std of the data a run was pretrained on: from its ``summary.json``, else known constants, else None."""
+    summary = Path(checkpoint_path).parent.parent / "summary.json"
+    try:
+        dataset = json.loads(summary.read_text()).get("dataset") or {}
+        if dataset.get("mean") and dataset.get("std"):
+            return list(dataset["mean"]), list(dataset["std"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    from ..data import FASHION_MNIST_ALIASES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+
+    if str(config.data.path).lower() in FASHION_MNIST_ALIASES:
+        return [FASHION_MNIST_MEAN] * config.model.in_chans, [FASHION_MNIST_STD] * config.model.in_chans
+    warnings.warn("the run records no data mean/std (an older run): the export's pretrained_cfg leaves them out")
+    return None, None

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from .config import ConfigError
+from ..config import ConfigError
 
 # Seed offsets, so the validation draw and the label draw are independent at one --split-seed.
 _VAL_STREAM, _LABEL_STREAM = 0, 1
@@ -134,7 +134,7 @@ def folder_val_split(data: str, img_size: int, in_chans: int) -> Dataset | None:
     Built with ``build_labelled_splits`` on a private directory of links ``train → DIR/train``,
     ``test → DIR/val``, so classes and normalisation are the training split's; the links live until the
     process exits (a streamed dataset reads through them)."""
-    from .data import build_labelled_splits
+    from .labelled import build_labelled_splits
 
     if not os.path.isdir(data):
         return None

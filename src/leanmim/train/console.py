@@ -22,7 +22,9 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Iterator, TextIO
+
+from .precision import precision_reason
 
 _VERBOSE = False
 TTY_REFRESH_S = 0.5     # a human rate: redrawing faster only flickers
@@ -130,22 +132,6 @@ def quiet_native_stderr() -> Iterator[None]:
             os.close(devnull)
 
 
-# ----------------------------------------------------------------------------- the start summary
-
-def precision_reason(requested: str, resolved: str, accelerator: str = "auto") -> str:
-    """``"fp32: this CPU has no native bf16 (--precision bf16 forces it)"`` and the like."""
-    import torch
-
-    name = "bf16 mixed" if resolved.startswith("bf16") else "fp32"
-    if requested != "auto":
-        return f"{name}: --precision {requested}"
-    on_gpu = accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
-    where = f"this GPU ({torch.cuda.get_device_name()})" if on_gpu else "this CPU"
-    if name == "fp32":
-        return f"fp32: {where} has no native bf16 (--precision bf16 forces it)"
-    return f"bf16 mixed: {where} has native bf16 (--precision 32 for fp32)"
-
-
 def count_parameters(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -173,7 +159,7 @@ def emit(text: str, stream: TextIO | None = None) -> None:
 def pretrain_summary_rows(config, method_module, data, trainer, steps_per_epoch: int, total_steps: int,
                           resume_from: Path | None, resume_step: int | None) -> list[tuple[str, str]]:
     """The start summary of a pretraining (see :func:`start_summary`)."""
-    from .engine import lightning_precision
+    from .precision import lightning_precision
 
     model = config.model
     encoder = getattr(method_module, "encoder", None)
@@ -224,8 +210,6 @@ def describe_devices(trainer) -> str:
         what += f", {trainer.world_size} processes ({type(trainer.strategy).__name__})"
     return what
 
-
-# ----------------------------------------------------------------------------- the progress line
 
 def format_duration(seconds: float) -> str:
     if not math.isfinite(seconds):

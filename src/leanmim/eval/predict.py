@@ -27,7 +27,7 @@ from torch import Tensor
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .config import ConfigError
+from ..config import ConfigError
 
 
 def eval_view(image: Tensor, img_size: int, crop_pct: float, mean, std) -> Tensor:
@@ -40,7 +40,7 @@ def eval_view(image: Tensor, img_size: int, crop_pct: float, mean, std) -> Tenso
 
 def image_files(data: str | Path) -> list[str]:
     """The image files below ``data`` (sorted, recursive) or ``data`` itself when it is one image file."""
-    from .data.folder import list_images
+    from ..data.folder import list_images
 
     path = Path(data).expanduser()
     if path.is_file():
@@ -52,7 +52,7 @@ def image_files(data: str | Path) -> list[str]:
 
 def read_batches(files: list[str], channels: int, batch_size: int, view) -> Iterator[tuple[list[str], Tensor, list[str]]]:
     """(names, views (B, C, S, S), skipped names) per batch of ``batch_size`` files; unreadable files skipped."""
-    from .data.common import load_image, one_line, warn_skip
+    from ..data.common import load_image, one_line, warn_skip
 
     for start in range(0, len(files), batch_size):
         names, views, skipped = [], [], []
@@ -70,9 +70,10 @@ def read_batches(files: list[str], channels: int, batch_size: int, view) -> Iter
 def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, batch_size: int = 64,
             overwrite: bool = False) -> dict[str, Any]:
     """Write ``out`` (CSV, atomically) with the top-``top_k`` classes and probabilities of every image below ``data``."""
-    from .api import default_device
-    from .finetune import finetune_data_stats, load_finetuned, read_finetune_entry
-    from .run import atomic_write_text, check_output_file
+    from ..files import atomic_write_text
+    from ..train.precision import default_device
+    from ..train.run import check_output_file
+    from ..weights import finetune_data_stats, load_finetuned, read_finetune_entry
 
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")

@@ -1,4 +1,4 @@
-"""The run lifecycle in one place: a run directory's identity, resume-or-refuse, and safe output files.
+"""A run directory's identity: resume exactly the same run or refuse and say what differs; never overwrite.
 
 A run directory holds ``run.json``: everything that defines the run (its *identity*: method, model,
 method options, a fingerprint of the data, seed, batch sizes, schedule, optimiser, precision), plus
@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import warnings
 from pathlib import Path
 from stat import S_ISREG
 from typing import Any, Iterable
 
-from .config import ConfigError
-
-RUN_FILE = "run.json"
-CHECKPOINT_DIR = "checkpoints"
-TMP_MARKER = ".tmp-"  # temporary files: ``.NAME.tmp-PID`` next to their target
+from ..config import ConfigError
+from ..files import CHECKPOINT_DIR, RUN_FILE, atomic_write_text, dumps_strict, remove_stale_temporaries
+from .lock import LOCK_FILE
 
 # Fields that change how a run is executed or reported, not what it computes.
 OPERATIONAL_FIELDS = frozenset({
@@ -47,8 +44,6 @@ ADDED_FIELDS = {"eval_hflip": False}
 EXTENDABLE_FIELDS = frozenset({"train.epochs", "train.max_steps", "epochs", "max_steps"})
 
 
-# ----------------------------------------------------------------------------- data fingerprint
-
 def data_fingerprint(path: str, exclude: Iterable[str | Path] = ()) -> str:
     """A cheap content fingerprint of a data source: ``"<N> files, <hash>"`` over sorted relative paths, sizes and
     modification times (``st_mtime_ns``) of the files the run reads.
@@ -60,7 +55,7 @@ def data_fingerprint(path: str, exclude: Iterable[str | Path] = ()) -> str:
     would read the whole data set at every start — copies that keep mtimes, ``cp -a`` / ``rsync -a``, still match).
     Anything else (e.g. a shard pattern or URL): the string itself, plus the sizes of the local files it names.
     """
-    from .data import FASHION_MNIST_ALIASES, FASHION_MNIST_DIR
+    from ..data import FASHION_MNIST_ALIASES, FASHION_MNIST_DIR
 
     root = Path(FASHION_MNIST_DIR if str(path).lower() in FASHION_MNIST_ALIASES else path).expanduser()
     digest = hashlib.sha1()
@@ -125,8 +120,6 @@ def _expand_braces(pattern: str) -> list[str]:
     return [pattern[:match.start()] + str(n).zfill(width) + pattern[match.end():] for n in numbers]
 
 
-# ----------------------------------------------------------------------------- identity
-
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """{'a': {'b': 1}} -> {'a.b': 1} (lists kept as values)."""
     flat: dict[str, Any] = {}
@@ -160,16 +153,6 @@ def identity_differences(old: dict[str, Any], new: dict[str, Any], ignore: Itera
 
     return [f"{key}: {show(before(key))} -> {show(new.get(key))}"
             for key in sorted(set(old) | set(new)) if key not in skip and before(key) != new.get(key)]
-
-
-def read_json_object(path: Path) -> dict[str, Any]:
-    """A JSON object written by leanmim (summary.json, finetune.json, …), or {} when missing, damaged or not an object:
-    for tools that only report (status, model cards) and must never fail on a half-written file."""
-    try:
-        value = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
 
 
 def read_run_file(run_dir: Path) -> dict[str, Any] | None:
@@ -252,13 +235,11 @@ def _check_longer(stored: dict[str, Any], new: dict[str, Any], run_dir: Path) ->
 
 
 def write_run_file(run_dir: Path, kind: str, identity: dict[str, Any], facts: dict[str, Any]) -> None:
-    from . import __version__
+    from .. import __version__
 
     atomic_write_text(run_dir / RUN_FILE, dumps_strict({"kind": kind, "leanmim_version": __version__,
                                                         "identity": identity, "facts": facts}))
 
-
-# ----------------------------------------------------------------------------- output files
 
 def check_output_file(path: str | Path, overwrite: bool, flag: str = "--out", suffixes: tuple[str, ...] = ()) -> Path:
     """Validate a file a command is about to write; one-line ConfigError when it must not be written."""
@@ -304,164 +285,16 @@ def _run_dir_above(directory: Path) -> Path:
     return directory.parent
 
 
-def dumps_strict(values: Any) -> str:
-    """JSON with NaN/inf written as null (strict JSON; Python's default writes NaN)."""
-    return json.dumps(_finite(values), indent=2, allow_nan=False)
+def write_summary(run_dir: Path, updates: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``updates`` into ``RUN_DIR/summary.json`` (written atomically)."""
+    path = run_dir / "summary.json"
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary.update(updates)
+    atomic_write_text(path, dumps_strict(summary))
+    return summary
 
 
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {key: _finite(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(item) for item in value]
-    return value
-
-
-def temporary_path(path: Path) -> Path:
-    """Where ``path`` is written before it is renamed into place: beside it (same filesystem), hidden."""
-    return path.with_name(f".{path.name}{TMP_MARKER}{os.getpid()}")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_path(path)
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    publish(tmp, path)
-
-
-def publish(tmp: Path, path: Path) -> None:
-    """Rename a finished temporary file into place with the permissions a plain ``open`` would give it
-    (some writers, e.g. safetensors, create their files 0600)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, path)
-
-
-def remove_stale_temporaries(directory: Path) -> list[Path]:
-    """Delete ``.NAME.tmp-PID`` files a killed write left behind in ``directory`` (those of this process, or of a
-    PID no longer alive on this host; a live writer's are left alone); returns them."""
-    removed = []
-    if directory.is_dir():
-        for candidate in directory.glob(f".*{TMP_MARKER}*"):
-            if candidate.is_file() and not candidate.is_symlink() and not _writer_alive(candidate):
-                candidate.unlink(missing_ok=True)
-                removed.append(candidate)
-    return removed
-
-
-def _writer_alive(temporary: Path) -> bool:
-    """Whether the process named by a ``.NAME.tmp-PID`` file's PID still runs (and is not this one)."""
-    pid_text = temporary.name.rsplit(TMP_MARKER, 1)[-1]
-    if not pid_text.isdigit() or int(pid_text) == os.getpid():
-        return False
-    try:
-        os.kill(int(pid_text), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-# ----------------------------------------------------------------------------- one writer per directory
-
-LOCK_FILE = ".lock"
-
-
-class RunLock:
-    """An exclusive OS lock (``fcntl.flock``) on ``DIR/.lock``, which names its holder (``pid``, ``host``).
-
-    The kernel releases it when the process ends, however it ends (kill -9 included): a stale ``.lock`` file
-    left behind blocks nothing. Released explicitly by :meth:`release` (or at the end of a ``with`` block).
-    """
-
-    def __init__(self, directory: str | Path, flag: str = "--out"):
-        import fcntl
-        import socket
-
-        self.directory = Path(directory).expanduser()
-        if self.directory.exists() and not self.directory.is_dir():
-            raise ConfigError(f"{flag} '{self.directory}' is a file, not a directory: choose a new directory for {flag}")
-        # the directories made here, deepest first: a refused command removes them again (it wrote nothing)
-        self._created = [parent for parent in (self.directory, *self.directory.parents) if not parent.exists()]
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.path = self.directory / LOCK_FILE
-        self._existed = self.path.is_file()
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = self._holder()
-            os.close(self._fd)
-            self._fd = None
-            raise ConfigError(f"{flag} '{self.directory}' is in use by another leanmim process ({holder}): wait for "
-                              f"it to end, or choose another {flag}") from None
-        self._previous = (os.read(self._fd, 4096), os.fstat(self._fd)) if self._existed else None
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        os.ftruncate(self._fd, 0)
-        os.write(self._fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
-
-    def release_untouched(self) -> None:
-        """Release, leaving ``.lock`` as it was before (a rerun of a finished run changes no file)."""
-        if self._fd is None:
-            return
-        if self._previous is None:
-            self.path.unlink(missing_ok=True)
-        else:
-            content, stat = self._previous
-            os.lseek(self._fd, 0, os.SEEK_SET)
-            os.ftruncate(self._fd, 0)
-            os.write(self._fd, content)
-            os.utime(self._fd, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-        self.release()
-        for directory in self._created:
-            try:
-                directory.rmdir()   # only when empty: anything written there since stays
-            except OSError:
-                break
-
-    def _holder(self) -> str:
-        try:
-            with open(self.path) as handle:
-                record = json.loads(handle.read() or "{}")
-            return f"PID {record['pid']} on host {record['host']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "its PID and host are not written yet"
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)   # closing the descriptor drops the flock
-            self._fd = None
-
-    def __enter__(self) -> "RunLock":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
-
-
-_HELD: dict[str, RunLock] = {}
-
-
-def hold_directory(directory: str | Path, flag: str = "--out") -> RunLock:
-    """This process's lock on ``directory`` for the rest of its life (taken once; a later call reuses it)."""
-    key = os.path.realpath(os.path.expanduser(str(directory)))
-    held = _HELD.get(key)
-    if held is None or held._fd is None:
-        held = _HELD[key] = RunLock(directory, flag)
-    return held
-
-
-def is_launcher_rank_zero() -> bool:
-    """True outside a launcher, and on global rank 0 under torchrun / SLURM (before any process group exists)."""
-    for name in ("RANK", "LOCAL_RANK", "SLURM_PROCID"):   # LOCAL_RANK: Lightning's own subprocess launcher
-        if os.environ.get(name, "0").strip() not in ("", "0"):
-            return False
-    return True
+def write_json(path: Path, values: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(values, indent=2))
+    tmp.replace(path)

@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .config import ConfigError
-from .losses import denormalize_prediction
-from .methods import MIMMethod
-from .tokens import BatchRandom, patchify, unpatchify
+from ..config import ConfigError
+from ..methods import MIMMethod
+from ..parts.losses import denormalize_prediction
+from ..parts.tokens import BatchRandom, patchify, unpatchify
 
 
 @torch.no_grad()

@@ -42,7 +42,7 @@ from timm.layers import Attention, PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from .config import ConfigError
+from ..config import ConfigError
 from .encoder import init_encoder_weights
 from .tokens import grid_coordinates
 

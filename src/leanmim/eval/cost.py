@@ -15,10 +15,10 @@ import torch
 from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from .config import ConfigError, ModelConfig, RunConfig
-from .encoder import training_attention
-from .methods import MIMMethod, build_method, build_options
-from .methods.base import options_to_dict
+from ..config import ConfigError, ModelConfig, RunConfig
+from ..methods import MIMMethod, build_method, build_options
+from ..methods.base import options_to_dict
+from ..parts.encoder import training_attention
 
 
 # torch's counter knows the CUDA attention kernels but not the CPU flash kernel that
@@ -108,7 +108,7 @@ def peak_train_memory(method: MIMMethod, images: torch.Tensor, autocast_dtype: t
     Included: activations kept for backward, temporaries, and the gradients (set to None first, so the backward
     pass allocates them). Not included: parameters, optimizer states (the optimizer is the engine's), and
     allocator caching or fragmentation. ``autocast_dtype`` (e.g. ``torch.bfloat16``) runs the forward under autocast,
-    with the attention kernel training chooses (:func:`leanmim.encoder.training_attention`: on CPU in bf16 the
+    with the attention kernel training chooses (:func:`leanmim.parts.encoder.training_attention`: on CPU in bf16 the
     explicit path, which keeps each attention matrix for the backward).
 
     On CUDA this is ``torch.cuda.max_memory_allocated`` minus the bytes allocated at the start. On CPU, where torch
@@ -141,7 +141,7 @@ def _profiled_peak_bytes(run, device: torch.device) -> int:
     """Peak of the running sum of allocator bytes (allocations +, frees −) on ``device`` while ``run()`` runs."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .console import quiet_native_stderr
+    from ..train.console import quiet_native_stderr
 
     with quiet_native_stderr():  # kineto writes 'gpuGetDeviceCount failed' and USDT lines to fd 2 (--verbose: shown)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:

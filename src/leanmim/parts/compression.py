@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .config import ConfigError
+from ..config import ConfigError
 from .tokens import gather_tokens
 
 TEACHER_STAGES = 3                    # the PCAE teacher compresses 3 times (the authors' default)

@@ -7,8 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .run import atomic_write_text, read_json_object
-
+from ..files import atomic_write_text, read_json_object
 
 
 def _percent(value: Any) -> str:

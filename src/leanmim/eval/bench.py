@@ -3,12 +3,12 @@
 For every method (MAE always included, first, as the reference):
 
 - ``forward_macs``, ``train_macs``: MACs per image of a training forward pass and of a whole training step
-  (forward + backward), counted by :func:`leanmim.cost.method_cost`;
+  (forward + backward), counted by :func:`leanmim.eval.cost.method_cost`;
 - ``img_per_s``: training images per second, ``batch_size`` / the median time of ``steps`` timed steps
   (forward + backward + AdamW update + the method's ``after_optimizer_step``, as the engine runs them) after
   ``warmup_steps`` untimed ones, on one fixed batch. All methods live in one process and are stepped
   round-robin (A, B, C, A, B, C, …) so machine drift and other load hit them alike;
-- ``peak_mem_bytes``: :func:`leanmim.cost.peak_train_memory`: the peak bytes torch allocates during one
+- ``peak_mem_bytes``: :func:`leanmim.eval.cost.peak_train_memory`: the peak bytes torch allocates during one
   training step (activations, temporaries, gradients; not parameters or optimizer states);
 
 and each as a ratio to MAE's. Data loading and augmentation are not included (the same for every method).
@@ -25,12 +25,13 @@ from typing import Any, Sequence
 
 import torch
 
-from .encoder import training_attention
-from .config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig
+from ..methods import METHODS, MIMMethod, build_method, method_class
+from ..parts.encoder import training_attention
+from ..parts.tokens import BatchRandom
+from ..train.optim import parameter_groups
+from ..train.precision import bf16_supported
 from .cost import method_cost, peak_train_memory
-from .engine import bf16_supported, parameter_groups
-from .methods import METHODS, MIMMethod, build_method, method_class
-from .tokens import BatchRandom
 
 REFERENCE = "mae"
 RATIO_KEYS = ("train_macs", "img_per_s", "peak_mem_bytes")

@@ -1,0 +1,319 @@
+"""The training core both tasks run on: :func:`build_trainer` (Lightning Trainer with leanmim's precision, devices,
+loggers and callbacks), the atomic checkpoint writer and schedule, and the signal handling that saves and stops.
+
+Lightning owns the loop, precision, devices (DDP/FSDP via torchrun or SLURM), checkpoints and logging.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_only
+
+from ..config import ConfigError, RunConfig
+from ..files import CHECKPOINT_DIR, LAST_CHECKPOINT, temporary_path
+from .precision import lightning_precision
+from .run import write_summary
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on a signal (Ctrl-C, SIGTERM, SIGUSR1) after saving a checkpoint at the current step."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str | None, at_once: bool = False):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        if at_once:
+            super().__init__(f"interrupted by a second {name}: stopped at once, nothing saved; rerun the same "
+                             f"command to resume from the last checkpoint")
+            return
+        saved = f"checkpoint saved at step {step} ({checkpoint})" if checkpoint else "no step was completed"
+        super().__init__(f"interrupted by {name}: {saved}; rerun the same command to resume")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM
+
+
+class ThroughputSummary(Callback):
+    """Counts images and wall time of the steps run in this process (for the run summary)."""
+
+    def __init__(self):
+        self.images, self.seconds, self.steps = 0, 0.0, 0
+        self._start = None
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if self.steps >= 2:  # the first steps pay one-off costs (allocation, compilation)
+            self.seconds += time.perf_counter() - self._start
+            self.images += len(batch[0] if isinstance(batch, list) else batch) * trainer.world_size  # list: whole images
+        self.steps += 1
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, made crash-safe: each checkpoint goes to a hidden temporary file beside
+    its target (``.NAME.tmp-PID``, same directory, so never in the system temp directory), is fsynced, then
+    renamed into place. A kill mid-write leaves the previous file intact; the next start removes the temporary."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(path)
+        try:
+            with open(tmp, "wb") as handle:
+                torch.save(checkpoint, handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint for a run directory: ``epochNNN.ckpt`` every ``every_n_epochs`` epochs (the
+    newest ``keep`` kept, -1: all) and ``last.ckpt`` at every epoch end, plus every ``every_n_steps`` optimizer
+    steps (a rolling resume point for exact mid-epoch resume)."""
+
+    def __init__(self, dirpath: Path, every_n_epochs: int = 1, keep: int = -1, every_n_steps: int = 0):
+        periodic = every_n_epochs > 0 and keep != 0
+        super().__init__(dirpath=dirpath, filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_last=True,
+                         every_n_epochs=every_n_epochs if periodic else None, save_top_k=-1 if periodic else 0,
+                         enable_version_counter=False)
+        self.keep, self.every_n_steps = keep, every_n_steps
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        step = trainer.global_step
+        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+            save_resume_point(trainer)
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.keep > 0 and trainer.is_global_zero and Path(filepath).name != LAST_CHECKPOINT:
+            periodic = sorted(Path(filepath).parent.glob("epoch*.ckpt"), key=lambda p: int("0" + p.stem[5:].split("-")[0]))
+            for old in periodic[:-self.keep]:
+                old.unlink(missing_ok=True)
+
+
+def save_resume_point(trainer: L.Trainer) -> str | None:
+    """Write ``last.ckpt`` at the current step (all processes call it; the global-zero one writes)."""
+    callback = trainer.checkpoint_callback
+    if callback is None or callback.dirpath is None or trainer.global_step == 0:
+        return None
+    path = os.path.join(callback.dirpath, LAST_CHECKPOINT)
+    trainer.save_checkpoint(path)
+    return path
+
+
+class StopOnSignal(Callback):
+    """Ctrl-C, SIGTERM and SIGUSR1 (SLURM's pre-emption warning, ``#SBATCH --signal=USR1@90``) stop training at the
+    end of the current optimizer step: save ``last.ckpt`` there, then raise :class:`TrainingInterrupted`.
+    A second Ctrl-C stops at once (Lightning's own shutdown). Under DDP any process's signal stops all of them.
+    ``after_last_batch``: a signal that arrives after the last training batch (a fine-tune's last validation) still
+    stops the run, before what follows the fit (its test evaluation); without it (pretraining) a run that has
+    trained every step is finished and ends normally."""
+
+    SIGNALS = ("SIGINT", "SIGTERM", "SIGUSR1")
+
+    def __init__(self, after_last_batch: bool = False):
+        self.after_last_batch = after_last_batch
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:  # leanmim's line, not Lightning's exit(1)
+            raise TrainingInterrupted(signum, 0, None, at_once=True)
+        self.received = signum
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for name in self.SIGNALS:
+                if hasattr(signal, name):
+                    number = getattr(signal, name)
+                    self._previous[number] = signal.signal(number, self._handler)
+
+    def _restore(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._restore()
+        if self.received is not None and self.after_last_batch:
+            raise TrainingInterrupted(self.received, trainer.global_step, save_resume_point(trainer))
+
+    def on_exception(self, trainer, pl_module, exception) -> None:
+        self._restore()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not trainer.fit_loop._should_accumulate():
+            path = save_resume_point(trainer)
+            raise TrainingInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)
+
+
+LOGGER_EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}
+
+
+def build_loggers(names: str, run_dir: Path) -> list:
+    """Lightning's own loggers by name: csv (RUN_DIR/logs), tensorboard (RUN_DIR/tensorboard), wandb (offline in
+    RUN_DIR/wandb unless WANDB_MODE=online), mlflow (a local store RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set)."""
+    import importlib.util
+
+    chosen = [name.strip().lower() for name in str(names).split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in ("csv", "tensorboard", "wandb", "mlflow")]
+    if unknown or not chosen:
+        raise ConfigError(f"--logger: unknown logger '{', '.join(unknown) or names}': choose from csv, tensorboard, "
+                          f"wandb, mlflow (comma-separated)")
+    for name in chosen:
+        if name in LOGGER_EXTRAS and importlib.util.find_spec(LOGGER_EXTRAS[name]) is None:
+            raise ConfigError(f"--logger {name} needs the {LOGGER_EXTRAS[name]} package: pip install 'leanmim[{name}]'")
+    loggers = []
+    for name in dict.fromkeys(chosen):
+        if name == "csv":
+            # version "": one log per run (logs/metrics.csv), appended to by every resume instead of a new version_N
+            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
+            loggers.append(CSVLogger(run_dir, name="logs", version=""))
+        elif name == "tensorboard":
+            loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
+        elif name == "wandb":
+            from lightning.pytorch.loggers import WandbLogger
+            loggers.append(WandbLogger(name=run_dir.name, save_dir=str(run_dir), project="leanmim",
+                                       offline=os.environ.get("WANDB_MODE", "offline") != "online"))
+        else:
+            from lightning.pytorch.loggers import MLFlowLogger
+            loggers.append(MLFlowLogger(experiment_name="leanmim", run_name=run_dir.name,
+                                        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI",
+                                                                    (run_dir / "mlruns").resolve().as_uri())))
+    return [*loggers, ProgressLogger(run_dir)]
+
+
+class ProgressLogger(Logger):
+    """Keeps ``RUN_DIR/summary.json``'s ``progress`` entry current for ``leanmim status``: written when training
+    starts, at every logging step (at most every 2 s) and at the end — process id and host, step, total steps,
+    epoch, last loss, img/s, steps/s and the state (running, stopped, failed). Lightning hands each logger the
+    module once at the start (``log_graph``), which gives the schedule's length. Global rank zero only."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__()
+        self.run_dir, self.module, self.progress = Path(run_dir), None, {}
+        self._written_at = 0.0
+        self._first: tuple[float, int] | None = None   # (time, step) of the first logged step of this session
+
+    @property
+    def name(self) -> str:
+        return "progress"
+
+    @property
+    def version(self) -> str:
+        return ""
+
+    @rank_zero_only
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    @rank_zero_only
+    def log_graph(self, model, input_array=None) -> None:
+        import socket
+
+        self.module = model
+        self.progress = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
+                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        self._write(force=True)
+
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        now = time.time()
+        step = int(step if step is not None else 0) + 1   # Lightning logs step s for the (s + 1)-th optimizer step
+        if self._first is None:
+            self._first = (now, step)
+        elif step > self._first[1]:
+            self.progress["steps_per_second"] = round((step - self._first[1]) / (now - self._first[0]), 4)
+        loss = metrics.get("loss_step", metrics.get("loss"))
+        if loss is not None:
+            self.progress["loss"] = float(loss)
+        if metrics.get("img_per_s") is not None:
+            self.progress["images_per_second"] = round(float(metrics["img_per_s"]), 1)
+        self.progress["step"] = max(step, self.progress.get("step", 0))
+        self._write()
+
+    @rank_zero_only
+    def finalize(self, status: str) -> None:
+        self.progress["state"] = "stopped" if status == "success" else status
+        self._write(force=True)
+
+    def _write(self, force: bool = False) -> None:
+        if not force and time.time() - self._written_at < 2.0:
+            return
+        module = self.module
+        if module is not None and getattr(module, "_trainer", None) is not None:
+            self.progress.update(step=max(int(module.global_step), self.progress.get("step", 0)),
+                                 epoch=int(module.current_epoch), total_steps=int(getattr(module, "total_steps", 0)))
+        self.progress["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self._written_at = time.time()
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        write_summary(self.run_dir, {"progress": dict(self.progress)})
+
+
+def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (),
+                  stop_after_last_batch: bool = False) -> L.Trainer:
+    """The Lightning Trainer both tasks run on: precision, devices, loggers, atomic checkpoints, signal handling."""
+    train = config.train
+    checkpointing = RunCheckpoint(run_dir / CHECKPOINT_DIR, every_n_epochs=train.checkpoint_every_epochs,
+                                  keep=train.keep_checkpoints, every_n_steps=train.checkpoint_every_steps)
+    loggers = build_loggers(train.logger, run_dir)
+    all_callbacks = [checkpointing, StopOnSignal(stop_after_last_batch), *callbacks]
+    if train.progress_bar:  # leanmim's one line for the whole run (console.py), not Lightning's bar per epoch
+        from .console import RunProgress
+        all_callbacks.append(RunProgress(every_steps=train.log_every_steps))
+    devices: Any = int(train.devices) if str(train.devices).isdigit() else train.devices
+    return L.Trainer(
+        accelerator=train.accelerator, devices=devices, num_nodes=train.num_nodes, strategy=train.strategy,
+        precision=lightning_precision(config), max_epochs=train.epochs if train.max_steps <= 0 else -1,
+        max_steps=train.max_steps, accumulate_grad_batches=train.accumulate_grad_batches,
+        gradient_clip_val=train.grad_clip, logger=loggers, callbacks=all_callbacks,
+        log_every_n_steps=train.log_every_steps, enable_progress_bar=False,
+        use_distributed_sampler=False, enable_model_summary=False, num_sanity_val_steps=0,
+        default_root_dir=run_dir, plugins=[AtomicCheckpointIO()])
+
+
+@contextmanager
+def fitting(*also_ignore: str) -> Iterator[None]:
+    """Around ``trainer.fit`` (and what follows it in the same session): Lightning's advice that does not apply.
+
+    Its "does not have many workers" hint (leanmim chooses workers per source) and, for each task, the messages in
+    ``also_ignore`` (regular expressions), e.g. pretraining's mid-epoch resume warning (leanmim's sampler resumes
+    mid-epoch itself).
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        for message in also_ignore:
+            warnings.filterwarnings("ignore", message=message)
+        yield
+
+
+def session_record(trainer: L.Trainer, resume_from: str | Path | None, started: float) -> dict[str, Any]:
+    """What both tasks report about this session: where it resumed from, where it stands, how long it trained."""
+    return {"resumed_from": str(resume_from) if resume_from else None, "global_step": trainer.global_step,
+            "epochs_completed": trainer.current_epoch,
+            "train_seconds_this_session": round(time.perf_counter() - started, 1)}

@@ -1,0 +1,275 @@
+"""Writing weights out: a timm file or ``local-dir`` folder with its ``pretrained_cfg`` (pretrainings and
+fine-tunings, with labels and crop_pct), a transformers directory, and the relative-position (LoMaR) encoder's own
+layout. Every export is written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..config import TIMM_NAMES, ConfigError, ModelConfig
+from ..files import atomic_write_text, publish, temporary_path
+from ..parts.classifier import TIMM_GLOBAL_POOL
+from ..parts.decoder import MaskedDecoder
+from ..parts.encoder import ViTEncoder
+from ..parts.relpos import RelPosViTEncoder
+from .checkpoints import FinetunedRun, finetune_data_stats, load_finetuned
+from .layouts import canonical_to_hf, decoder_canonical, encoder_canonical
+from .read import read_safetensors
+
+TIMM_FORMAT = "timm.VisionTransformer"
+RELPOS_FORMAT = "leanmim.RelPosViTEncoder"
+
+
+def timm_state_dict(encoder: ViTEncoder) -> dict[str, Tensor]:
+    """The encoder's weights under timm's names; ``pos_embed`` gets timm's (1, 1 + L, D) shape with a zero cls row."""
+    return encoder_canonical(encoder)
+
+
+def timm_create_kwargs(model: ModelConfig) -> dict:
+    """Arguments that make ``timm.create_model`` build the matching architecture."""
+    if model.name not in TIMM_NAMES:
+        raise ConfigError(f"model '{model.name}' has no timm counterpart")
+    return dict(model_name=TIMM_NAMES[model.name], img_size=model.img_size, patch_size=model.patch_size,
+                in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
+                mlp_ratio=model.mlp_ratio)
+
+
+def timm_crop_pct(img_size: int, crop_pct: float) -> float:
+    """``crop_pct`` nudged so that timm's ``floor(img_size / crop_pct)`` gives leanmim's resized side exactly
+    (16 / (16 / 18) is 17.999… in floating point)."""
+    target = round(img_size / crop_pct)
+    while math.floor(img_size / crop_pct) < target:
+        crop_pct = math.nextafter(crop_pct, 0.0)
+    return crop_pct
+
+
+def timm_pretrained_cfg(model: ModelConfig, mean=None, std=None, num_classes: int = 0, crop_pct: float = 1.0,
+                        label_names: list[str] | None = None) -> dict[str, Any]:
+    """timm's ``pretrained_cfg`` facts for these weights: input size, the evaluation view (``crop_pct``: crop side /
+    resized shorter side, centre crop), normalisation of the training data, stem and head names, class names."""
+    cfg: dict[str, Any] = {"input_size": [model.in_chans, model.img_size, model.img_size], "fixed_input_size": True,
+                           "interpolation": "bicubic", "crop_pct": timm_crop_pct(model.img_size, crop_pct),
+                           "crop_mode": "center", "num_classes": num_classes, "first_conv": "patch_embed.proj",
+                           "classifier": "head"}
+    if mean is not None and std is not None:
+        cfg.update(mean=[float(v) for v in mean], std=[float(v) for v in std])
+    if label_names:
+        cfg["label_names"] = list(label_names)
+    return cfg
+
+
+def timm_model_args(model: ModelConfig, finetuned: bool) -> dict[str, Any]:
+    """``timm.create_model`` keyword arguments: the architecture and the pooling leanmim uses (mean of the patch
+    tokens; a pretrained encoder keeps its final norm before pooling, a fine-tuned one has ``fc_norm`` after)."""
+    args = {key: value for key, value in timm_create_kwargs(model).items() if key != "model_name"}
+    args.update(global_pool="avg", fc_norm=finetuned)
+    return args
+
+
+def write_safetensors(state: dict[str, Tensor], out: Path, metadata: dict[str, Any]) -> Path:
+    from safetensors.torch import save_file
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(out)
+    try:
+        save_file({key: value.contiguous() for key, value in state.items()}, str(tmp),
+                  metadata={key: value if isinstance(value, str) else json.dumps(value) if isinstance(value, (dict, list))
+                            else str(value) for key, value in metadata.items()})
+        publish(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def write_timm(state: dict[str, Tensor], model: ModelConfig, out: str | Path, pretrained_cfg: dict[str, Any],
+               finetuned: bool, extra_metadata: dict[str, Any] | None = None) -> Path:
+    """A file (``*.safetensors``: weights, with the timm facts in its metadata) or a timm ``local-dir`` folder
+    (``model.safetensors`` + ``config.json``: ``timm.create_model("local-dir:DIR", pretrained=True)``)."""
+    out = Path(out)
+    args = timm_model_args(model, finetuned)
+    metadata = {**timm_create_kwargs(model), "format": TIMM_FORMAT, "global_pool": "avg", "fc_norm": finetuned,
+                "pretrained_cfg": pretrained_cfg, **(extra_metadata or {})}
+    if out.suffix == ".safetensors":
+        return write_safetensors(state, out, metadata)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, out / "model.safetensors", metadata)
+    config = {"architecture": TIMM_NAMES[model.name], "num_classes": pretrained_cfg.get("num_classes", 0),
+              "num_features": model.embed_dim, "global_pool": "avg", "model_args": args,
+              "pretrained_cfg": pretrained_cfg}
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    return out
+
+
+def export_encoder(encoder: ViTEncoder, model: ModelConfig, out: str | Path, mean=None, std=None) -> Path:
+    """Write a pretrained encoder for timm (see :func:`write_timm`); ``mean``/``std``: the training data's."""
+    if isinstance(encoder, RelPosViTEncoder):
+        return export_relpos_encoder(encoder, out)
+    return write_timm(timm_state_dict(encoder), model, out, timm_pretrained_cfg(model, mean, std), finetuned=False)
+
+
+def export_relpos_encoder(encoder: RelPosViTEncoder, out: str | Path) -> Path:
+    """Write a relative-position encoder's state dict (atomically); the metadata holds its architecture."""
+    state = {name: tensor.detach().float().contiguous().clone() for name, tensor in encoder.state_dict().items()}
+    return write_safetensors(state, Path(out), {**encoder.architecture(), "format": RELPOS_FORMAT})
+
+
+def load_relpos_encoder(path: str | Path, img_size: int | None = None) -> RelPosViTEncoder:
+    """Rebuild an exported ``RelPosViTEncoder``, optionally for another ``img_size`` (same weights: no absolute
+    position embedding, and the relative buckets saturate)."""
+    state, metadata = read_safetensors(Path(path))
+    if metadata.get("format") != RELPOS_FORMAT:
+        raise ConfigError(f"'{path}' is not a {RELPOS_FORMAT} export (format: {metadata.get('format')})")
+    sizes = {key: int(metadata[key]) for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    if img_size is not None:
+        sizes["img_size"] = img_size
+    # exports written before the "relative_term" key existed used the "scaled" form
+    encoder = RelPosViTEncoder(**sizes, mlp_ratio=float(metadata["mlp_ratio"]),
+                               relative_term=metadata.get("relative_term", "scaled"))
+    encoder.load_state_dict(state)
+    return encoder
+
+
+def require_transformers():
+    try:
+        import transformers
+    except ImportError:
+        raise ConfigError("--format hf needs the transformers library: pip install 'leanmim[hf]'") from None
+    return transformers
+
+
+def hf_vit_config(model: ModelConfig) -> dict[str, Any]:
+    return dict(hidden_size=model.embed_dim, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
+                intermediate_size=int(model.embed_dim * model.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
+                image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+
+def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: dict[str, Any] | None = None) -> Path:
+    """A transformers directory: ``ViTMAEForPreTraining`` when the method has an MAE pixel decoder, else ``ViTModel``
+    (the encoder, no pooler). Built with transformers itself and written by ``save_pretrained``."""
+    encoder, decoder = method.encoder, getattr(method, "decoder", None)
+    if not isinstance(encoder, ViTEncoder):
+        raise ConfigError(f"the {type(encoder).__name__} encoder (relative positions) has no transformers counterpart: "
+                          f"use --format timm")
+    transformers = require_transformers()
+    canonical = encoder_canonical(encoder)
+    pixel_decoder = isinstance(decoder, MaskedDecoder) and decoder.head.out_features == model.patch_dim
+    if pixel_decoder:
+        canonical.update(decoder_canonical(decoder))
+        config = transformers.ViTMAEConfig(
+            **hf_vit_config(model), decoder_hidden_size=decoder.decoder_dim, decoder_num_hidden_layers=len(decoder.blocks),
+            decoder_num_attention_heads=model.decoder_num_heads,
+            decoder_intermediate_size=int(decoder.decoder_dim * model.mlp_ratio),
+            mask_ratio=float((options or {}).get("mask_ratio", 0.75)),
+            norm_pix_loss=bool((options or {}).get("norm_pix_loss", True)))
+        hf_model = transformers.ViTMAEForPreTraining(config)
+    else:
+        hf_model = transformers.ViTModel(transformers.ViTConfig(**hf_vit_config(model)), add_pooling_layer=False)
+    hf_model.load_state_dict(canonical_to_hf(canonical, list(hf_model.state_dict())), strict=True)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(str(out))
+    return out
+
+
+def export_finetuned(path: str | Path, out: str | Path) -> Path:
+    """Export a fine-tuned classifier (a directory: its selected checkpoint, ``best.ckpt``).
+
+    For a :class:`ViTEncoder`: timm ``VisionTransformer(global_pool=G, num_classes=K)`` safetensors with G
+    'avg' (``--pool mean``: encoder keys without ``norm.*``, plus ``fc_norm.*``, ``head.*``) or 'token' (``cls``:
+    encoder keys with ``norm.*``, plus ``head.*``). ``--pool tokens`` has no timm pooling: the encoder is written
+    for ``global_pool='', num_classes=0`` (its ``forward_features`` gives (B, 1 + L, D) normed tokens) and the
+    head as ``token_head.weight`` (K, L·D) / ``token_head.bias``, applied to ``features[:, 1:].flatten(1)``
+    (patch tokens in row-major grid order); the metadata says so. Other encoders (relative positions): their
+    own state dict plus the head, architecture in the metadata. The metadata names the checkpoint and epoch.
+    """
+    from safetensors.torch import save_file
+
+    loaded = load_finetuned(path)
+    classifier = loaded.classifier
+    encoder = classifier.encoder
+    if isinstance(encoder, ViTEncoder):
+        state = timm_state_dict(encoder)
+        metadata = {**timm_create_kwargs(loaded.config.model), "format": "timm.VisionTransformer"}
+        stats = finetune_data_stats(loaded.checkpoint_path)   # timm's pretrained_cfg: input size, mean/std
+        metadata["pretrained_cfg"] = json.dumps(timm_pretrained_cfg(
+            loaded.config.model, stats.get("mean"), stats.get("std"),
+            0 if classifier.pool == "tokens" else classifier.head.out_features, loaded.results["eval_crop_pct"],
+            None if classifier.pool == "tokens" else loaded.results["class_names"]))
+    else:
+        state = {name: tensor.detach().float().contiguous().clone() for name, tensor in encoder.state_dict().items()}
+        architecture = encoder.architecture() if hasattr(encoder, "architecture") else {}
+        metadata = {**architecture, "format": f"leanmim.{type(encoder).__name__}+head",
+                    "final_norm": classifier.pool != "mean"}
+    head_name = "token_head" if classifier.pool == "tokens" else "head"
+    for prefix, module in (("fc_norm", classifier.fc_norm), (head_name, classifier.head)):
+        state.update({f"{prefix}.{name}": tensor.detach().float().contiguous().clone()
+                      for name, tensor in module.state_dict().items()})
+    num_classes = classifier.head.out_features
+    metadata.update(global_pool=TIMM_GLOBAL_POOL[classifier.pool], pool=classifier.pool, token_drop=classifier.token_drop,
+                    num_classes=0 if classifier.pool == "tokens" else num_classes,
+                    checkpoint=loaded.checkpoint_path.name, global_step=loaded.results["global_step"],
+                    selected_epoch=loaded.results["selected_epoch"],
+                    selected_val_top1=loaded.results["selected_val_top1"],
+                    weights=("exponential moving average" if loaded.settings.ema_decay > 0 else "trained"))
+    if classifier.pool == "tokens":
+        metadata.update(head_classes=num_classes, head_input="token_head applies to forward_features(x)[:, 1:]"
+                        ".flatten(1): the patch tokens (B, L, D) after the final norm, cls excluded, row-major "
+                        "grid order")
+    metadata["class_names"] = json.dumps(loaded.results["class_names"])
+    out = Path(out)
+    if out.suffix != ".safetensors":
+        return write_finetuned_folder(loaded, state, metadata, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    from ..files import publish, temporary_path
+
+    tmp = temporary_path(out)
+    try:
+        save_file(state, str(tmp), metadata={key: str(value) for key, value in metadata.items()})
+        publish(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def write_finetuned_folder(loaded: FinetunedRun, state: dict[str, Tensor], metadata: dict[str, Any], out: Path) -> Path:
+    """A timm ``local-dir`` folder: ``model.safetensors``, ``config.json`` (architecture, ``model_args``, and the
+    ``pretrained_cfg`` with ``label_names``, ``crop_pct``/``crop_mode``, mean/std) and a model card ``README.md``:
+    ``timm.create_model("local-dir:OUT", pretrained=True)`` gives the classifier with its labels."""
+    from ..config import TIMM_NAMES
+    from ..files import atomic_write_text
+    from .modelcard import write_model_card
+
+    classifier = loaded.classifier
+    if not isinstance(classifier.encoder, ViTEncoder) or classifier.pool == "tokens":
+        raise ConfigError("a --pool tokens (or relative-position) classifier has no timm counterpart: export it to a "
+                          "FILE.safetensors (the metadata describes its layout)")
+    model = loaded.config.model
+    pretrained_cfg = json.loads(metadata["pretrained_cfg"])
+    args = timm_model_args(model, finetuned=classifier.pool == "mean")
+    args.update(global_pool=TIMM_GLOBAL_POOL[classifier.pool], num_classes=classifier.head.out_features)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(state, out / "model.safetensors", metadata)
+    config = {"architecture": TIMM_NAMES[model.name], "num_classes": classifier.head.out_features,
+              "num_features": model.embed_dim, "global_pool": args["global_pool"], "model_args": args,
+              "label_names": loaded.results["class_names"], "pretrained_cfg": pretrained_cfg}
+    atomic_write_text(out / "config.json", json.dumps(config, indent=2))
+    write_model_card(out, loaded.checkpoint_path, "timm", classifier=True)
+    return out
+
+
+def eval_crop_pct(splits, img_size: int) -> float:
+    """The evaluation view as timm's ``crop_pct`` (crop side / resized shorter side): folders and folder shards are
+    resized to stored_size(img_size) (8/7) and centre-cropped; idx data (and shards of it) only resized (1.0)."""
+    from ..data import stored_size
+
+    transform = splits.batch_transform
+    if transform is not None and getattr(transform, "crop_size", None) is None:
+        return 1.0
+    return img_size / stored_size(img_size)
