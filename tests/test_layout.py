@@ -7,7 +7,6 @@ breaks the rule fails here, not in a reader's head.
 from __future__ import annotations
 
 import ast
-import re
 from pathlib import Path
 
 import pytest
@@ -125,11 +124,3 @@ def test_old_import_paths_say_where_names_moved():
     from leanmim.weights.read import read_weights
     assert weights.read_weights is read_weights  # leanmim.weights stays the package users import from
 
-
-def test_the_readme_layout_names_every_module():
-    readme = (SRC.parents[1] / "README.md").read_text()
-    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
-    words = set(re.findall(r"[a-z_]+", layout))
-    missing = [name for name, path in KNOWN.items()
-               if path.name not in ("__init__.py", "__main__.py") and name.rpartition(".")[2] not in words]
-    assert not missing, f"README.md's Layout section does not name {missing}"
