@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
 import math
 import os
@@ -42,9 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader
-
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from leanmim.data import FASHION_MNIST_DIR, GlobalBatchSampler, ImageFileDataset, read_idx, write_shards
 from leanmim.data import common
@@ -215,7 +212,8 @@ def main() -> None:
         if row is not None:  # what the DataLoader adds on top of the worker's own steps, per image
             worker_side = sum(v for k, v in parts.items() if "device" not in k)
             parts["rest (loader: transfer, indices, Python)"] = row["ms_per_image_per_worker"] - worker_side
-    results["ms_per_image_one_thread"] = {path: {k: round(v, 3) for k, v in parts.items()} for path, parts in steps.items()}
+    results["ms_per_image_one_thread"] = {path: {k: round(v, 3) for k, v in parts.items()}
+                                          for path, parts in steps.items()}
     for path, parts in results["ms_per_image_one_thread"].items():
         print(f"{path} (folder, ms per image): " + ", ".join(f"{k} {v:.3f}" for k, v in parts.items()))
     results["decode_only_one_thread"] = {name: round(1000 / ms, 1) for name, ms in

@@ -26,9 +26,9 @@ as ``SHARD:KEY``; an unreadable shard is skipped and named too.
 Resume guarantee: exact. Each epoch's stream is a function of (seed, epoch, rank, world size, workers),
 and a run resumed after k batches of an epoch regenerates that epoch's streams and fast-forwards each
 worker past the raw batches it had delivered without decoding them; per-sample crop seeds (per-batch torch
-seeds for a transform without ``takes_seed``) make the rest identical. Exact provided the resumed run has the same number of processes and ``--num-workers``
-(otherwise the data order changes, the run still continues), and no batch of the skipped part was wholly
-unreadable.
+seeds for a transform without ``takes_seed``) make the rest identical. Exact provided the resumed run has the
+same number of processes and ``--num-workers`` (otherwise the data order changes, the run still continues), and
+no batch of the skipped part was wholly unreadable.
 """
 
 from __future__ import annotations
