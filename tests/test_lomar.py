@@ -13,7 +13,7 @@ from leanmim.parts.losses import normalized_pixels
 from leanmim.methods import build_method
 from leanmim.parts.relpos import (CLS_BUCKET, RelPosAttention, RelPosBlock, RelPosViTEncoder, axis_bucket,
                                   relative_buckets)
-from leanmim.parts.tokens import BatchRandom, random_mask_of_size, random_windows
+from leanmim.parts.tokens import BatchRandom, random_mask_of_size, random_windows, window_noise_shapes
 
 
 def lomar(window_size=2, num_windows=3, **model):
@@ -27,12 +27,18 @@ def randomize_relative_tables(encoder):
             block.attn.relative_table.normal_(std=0.5)
 
 
+def draw_windows(rng, batch, n, m, grid):
+    row_shape, col_shape = window_noise_shapes(n, m, grid)
+    return random_windows(rng.rand(batch, *row_shape), rng.rand(batch, *col_shape), n, m, grid)
+
+
 def test_windows_are_in_bounds_contiguous_and_per_image():
-    # hand case: 5×6 grid, 3×3 window, corner (⌊0·3⌋, ⌊0.99·4⌋) = (0, 3)
-    ids = random_windows(torch.tensor([[[0.0, 0.99]]]), 3, (5, 6))
-    assert ids.tolist() == [[[3, 4, 5, 9, 10, 11, 15, 16, 17]]]
+    # hand case: 5×6 grid, 3×3 windows: 3 possible top rows, 4 left columns; the noise ranks them
+    rows, cols = torch.tensor([[[0.2, 0.9, 0.5]]]), torch.tensor([[[0.7, 0.1, 0.4, 0.3]]])
+    ids = random_windows(rows, cols, 2, 3, (5, 6))                   # tops argsort → 0, 2; lefts → 1, 3
+    assert ids.tolist() == [[[1, 2, 3, 7, 8, 9, 13, 14, 15], [15, 16, 17, 21, 22, 23, 27, 28, 29]]]
     batch, n, m, (h, w) = 64, 4, 3, (7, 9)
-    ids = random_windows(BatchRandom(seed=1).rand(batch, n, 2), m, (h, w))
+    ids = draw_windows(BatchRandom(seed=1), batch, n, m, (h, w))
     assert ids.shape == (batch, n, m * m) and ids.min() >= 0 and ids.max() < h * w
     rows, cols = ids // w, ids % w
     # each window is an m×m block: offsets from its top-left patch are exactly (0..m-1)²
@@ -44,6 +50,44 @@ def test_windows_are_in_bounds_contiguous_and_per_image():
     assert set((corners // w).flatten().tolist()) == set(range(h - m + 1))
     assert set((corners % w).flatten().tolist()) == set(range(w - m + 1))
     assert len({tuple(sorted(image.tolist())) for image in corners}) > batch // 2
+
+
+def test_windows_of_one_image_never_share_a_top_row_or_a_left_column():
+    """The released sampling, per image: randperm(h − m + 1)[:n] top rows, randperm(w − m + 1)[:n] left
+    columns. With replacement (leanmim ≤ issue 26) about 1 image in 11 got two identical windows here."""
+    batch, n, m, grid = 512, 4, 7, (14, 14)                           # ViT-B/16 at 224, LoMaR's defaults
+    ids = draw_windows(BatchRandom(seed=3), batch, n, m, grid)
+    tops, lefts = ids[..., 0] // grid[1], ids[..., 0] % grid[1]      # (B, n)
+    for per_window in (tops, lefts):
+        assert all(len(set(image.tolist())) == n for image in per_window)
+    # each (row, column) pair as likely as in randperm: all 8·7·6·5 ordered top rows occur about equally
+    assert set(tops.flatten().tolist()) == set(range(8))
+
+
+
+def test_the_method_draws_distinct_rows_and_columns_per_image(monkeypatch):
+    import leanmim.methods.lomar as lomar_module
+
+    drawn = []
+    monkeypatch.setattr(lomar_module, "random_windows",
+                        lambda *args: drawn.append(random_windows(*args)) or drawn[-1])
+    method = lomar(window_size=2, num_windows=3, img_size=16)         # 4×4 grid: 3 possible top rows, 3 windows
+    method(torch.randn(32, method.model_config.in_chans, 16, 16), rng=BatchRandom(seed=0))
+    corners = drawn[0][..., 0]                                        # (32, 3) top-left patch of each window
+    for per_window in (corners // 4, corners % 4):
+        assert torch.equal(per_window.sort(dim=1).values, torch.tensor([[0, 1, 2]]).expand(32, -1))
+
+
+def test_more_windows_than_rows_use_every_row_before_repeating_one():
+    """n > h − m + 1: the released code would make fewer windows; leanmim makes n, cycling fresh permutations."""
+    batch, n, m, grid = 64, 5, 3, (4, 4)                             # 2 possible top rows and left columns
+    ids = draw_windows(BatchRandom(seed=0), batch, n, m, grid)
+    tops, lefts = ids[..., 0] // grid[1], ids[..., 0] % grid[1]
+    for per_window in (tops, lefts):
+        assert torch.equal(per_window[:, :2].sort(dim=1).values, torch.tensor([[0, 1]]).expand(batch, -1))
+        assert torch.equal(per_window[:, 2:4].sort(dim=1).values, torch.tensor([[0, 1]]).expand(batch, -1))
+        counts = torch.stack([(per_window == value).sum(1) for value in (0, 1)], 1)   # (B, 2) per image
+        assert counts.max() <= 3 and counts.min() >= 2                               # ⌈5/2⌉ = 3 at most
 
 
 def test_masked_counts_per_window_are_exact():
@@ -178,12 +222,18 @@ def test_loss_equals_per_image_per_window_reference():
     output = method(images, rng=BatchRandom(seed=7))
 
     draws = BatchRandom(seed=7)
-    corners_noise, mask_noise = draws.rand(4, 3, 2), draws.rand(4, 3, 4)
+    # h − m + 1 = 2 top rows (and left columns) for 3 windows: two random permutations of (0, 1) per image
+    row_noise, col_noise, mask_noise = draws.rand(4, 2, 2), draws.rand(4, 2, 2), draws.rand(4, 3, 4)
+
+    def permutations(noise):                                          # (2, 2) -> [first perm…, second perm…]
+        return [position for rnd in noise.tolist() for position in sorted(range(2), key=rnd.__getitem__)]
+
     encoder, p, m = method.encoder, 4, 2
     total, count = 0.0, 0
     for b in range(4):
+        tops, lefts = permutations(row_noise[b]), permutations(col_noise[b])
         for k in range(3):
-            top, left = (corners_noise[b, k] * 2).long().tolist()            # h − m + 1 = 2 positions per axis
+            top, left = tops[k], lefts[k]
             crop = images[b:b + 1, :, top * p:(top + m) * p, left * p:(left + m) * p]
             masked = random_mask_of_size(mask_noise[b, k:k + 1], 3)[0].bool()    # ⌊4·0.8⌋ = 3
             tokens = encoder.patch_embed(crop)[0]

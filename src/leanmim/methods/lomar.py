@@ -5,7 +5,8 @@ the window size, not on the resolution.
 
 One batch, top to bottom (B images, n windows of m × m patches each, P = p²·C):
     patches        = patchify(images)                                   (B, L, P)
-    window_ids     = n random windows per image                         (B, n, m²) grid positions
+    window_ids     = n random windows per image, top rows and left      (B, n, m²) grid positions
+                     columns drawn without replacement (as released)
     window_patches = patches at window_ids, one sequence per window     (B·n, m², P)
     window_mask    = ⌊m²·r⌋ masked patches per window (39 of 49)         (B·n, m²)
     tokens         = patch embedding of every window patch, masked ones
@@ -28,13 +29,15 @@ from torch import Tensor, nn
 from ..config import ConfigError, ModelConfig, option
 from ..parts.losses import reconstruction_loss
 from ..parts.relpos import RELATIVE_TERMS, RelPosViTEncoder, check_relative_term
-from ..parts.tokens import BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify
+from ..parts.tokens import (BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify,
+                             window_noise_shapes)
 from .base import MethodOutput, MIMMethod, check_ratio, register_method
 
 
 @dataclass
 class LoMaROptions:
-    num_windows: int = option(4, "windows sampled per image, each at its own random position (overlap allowed)")
+    num_windows: int = option(4, "windows sampled per image at random positions, no two sharing a top row or a left "
+                                 "column while the grid has room (as released); overlap allowed")
     window_size: int = option(7, "window side m in patches (m × m patches per window; at most the grid side)")
     mask_ratio: float = option(0.8, "fraction of each window's patches replaced by the mask token (⌊m²·r⌋)")
     norm_pix_loss: bool = option(True, "regress per-patch normalized pixels")
@@ -87,7 +90,9 @@ class LoMaR(MIMMethod):
         model, n, m = self.model_config, self.options.num_windows, self.options.window_size
         batch = images.shape[0]
         patches = patchify(images, model.patch_size)                                           # (B, L, P)
-        window_ids = random_windows(rng.rand(batch, n, 2, device=images.device), m, model.grid_size)  # (B, n, m²)
+        row_shape, col_shape = window_noise_shapes(n, m, model.grid_size)
+        window_ids = random_windows(rng.rand(batch, *row_shape, device=images.device),
+                                    rng.rand(batch, *col_shape, device=images.device), n, m, model.grid_size)  # (B, n, m²)
         window_patches = gather_tokens(patches, window_ids.flatten(1)).reshape(batch * n, m * m, -1)  # (B·n, m², P)
         window_mask = random_mask_of_size(rng.rand(batch, n, m * m, device=images.device).flatten(0, 1),
                                           self.options.num_masked)                             # (B·n, m²)

@@ -111,20 +111,48 @@ def grid_coordinates(grid_size: tuple[int, int], device: torch.device | str = "c
     return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
 
 
-def random_windows(noise: Tensor, window_size: int, grid_size: tuple[int, int]) -> Tensor:
-    """Grid positions of randomly placed m×m windows of patches.
+def window_noise_shapes(num_windows: int, window_size: int,
+                        grid_size: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The noise :func:`random_windows` takes for ``num_windows`` m×m windows on an h×w grid, per image:
+    rows (⌈n / (h − m + 1)⌉, h − m + 1) and columns (⌈n / (w − m + 1)⌉, w − m + 1), one permutation per row."""
+    h, w = grid_size
+    shapes = []
+    for room in (h - window_size + 1, w - window_size + 1):
+        shapes.append((-(-num_windows // room), room))
+    return shapes[0], shapes[1]
 
-    noise: (B, n, 2) uniform [0, 1), one (row, col) draw per window; the window's top-left
-    patch is ⌊u·(h − m + 1)⌋, so every window lies inside the grid (windows may overlap).
+
+def distinct_draws(noise: Tensor, count: int) -> Tensor:
+    """``count`` values of 0 … k−1 per image, without replacement while they last.
+
+    noise: (B, R, k) uniform; each of its R rows ranks into a random permutation of 0 … k−1 (the released
+    ``torch.randperm(k)``), the permutations are concatenated and the first ``count`` kept: (B, count) int64.
+    count ≤ k: all distinct. count > k (R > 1): every value once, then a fresh permutation, and so on, so no
+    value appears more than ⌈count / k⌉ times.
+    """
+    return noise.argsort(dim=-1).flatten(1)[:, :count]
+
+
+def random_windows(row_noise: Tensor, col_noise: Tensor, num_windows: int, window_size: int,
+                   grid_size: tuple[int, int]) -> Tensor:
+    """Grid positions of ``num_windows`` randomly placed m×m windows of patches per image, LoMaR's sampling.
+
+    The released code draws the windows' top rows without replacement (``randperm(h − m + 1)[:n]``), their
+    left columns likewise, and pairs them in order: two windows of an image never share a top row nor a left
+    column, and every window lies inside the grid. Drawn here per image from
+    row_noise (B, ⌈n/(h−m+1)⌉, h−m+1) and col_noise (B, ⌈n/(w−m+1)⌉, w−m+1) uniform (shapes:
+    :func:`window_noise_shapes`). More windows than top rows (n > h − m + 1; the released code then makes
+    fewer windows than asked, or fails on a non-square grid): every row is used once before any is used again
+    (:func:`distinct_draws`), likewise columns, so windows may then share a row or coincide.
     Returns (B, n, m²) int64 grid positions, row-major inside each window.
     """
-    h, w = grid_size
+    w = grid_size[1]
     m = window_size
-    room = torch.tensor([h - m + 1, w - m + 1], device=noise.device)
-    corners = (noise * room).long().minimum(room - 1)                        # (B, n, 2) top-left (row, col)
-    offsets = torch.arange(m, device=noise.device)
-    rows = corners[..., 0, None, None] + offsets.view(m, 1)                  # (B, n, m, 1)
-    cols = corners[..., 1, None, None] + offsets.view(1, m)                  # (B, n, 1, m)
+    tops = distinct_draws(row_noise, num_windows)                            # (B, n) top rows
+    lefts = distinct_draws(col_noise, num_windows)                           # (B, n) left columns
+    offsets = torch.arange(m, device=row_noise.device)
+    rows = tops[..., None, None] + offsets.view(m, 1)                        # (B, n, m, 1)
+    cols = lefts[..., None, None] + offsets.view(1, m)                       # (B, n, 1, m)
     return (rows * w + cols).flatten(-2)                                     # (B, n, m²)
 
 
