@@ -1,5 +1,7 @@
 """PCAE (docs/methods.md §2): token compression, the EMA teacher, retained-token decoding, cost."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -55,6 +57,22 @@ def test_kept_counts_of_the_paper():
     assert keep_fraction(0.1)(3) == 1 and drop_fraction(0.9)(1) == 1          # never empty (the authors' int(n·ρ): 0)
     assert rescale_blocks_of_12((3, 6, 9), 12) == (3, 6, 9) and rescale_blocks_of_12((3, 6, 9), 24) == (6, 12, 18)
     assert rescale_blocks_of_12((3, 6, 9), 6) == (2, 3, 4)
+
+
+def test_kept_count_is_the_released_int_wherever_that_keeps_a_token():
+    """The released teacher keeps ``ids_shuffle[:, :int(n * keep_ratio)]``; leanmim keeps the same count wherever
+    that is ≥ 1 (and 1 where it is 0), for every n ≤ 1024 tokens and ρ = 0.01 … 0.99. An epsilon added to the
+    product (leanmim before issue 26) kept one token more in 49 of these cases, e.g. n = 90, ρ = 0.7."""
+    ratios = [k / 100 for k in range(1, 100)]
+    epsilon_differs = []
+    for keep_ratio in ratios:
+        kept = keep_fraction(keep_ratio)
+        for n in range(1, 1025):
+            released = torch.arange(n)[:int(n * keep_ratio)].numel()
+            assert kept(n) == max(1, released), (n, keep_ratio)
+            if released >= 1 and math.floor(n * keep_ratio + 1e-9) != released:
+                epsilon_differs.append((n, keep_ratio))
+    assert len(epsilon_differs) == 49 and (90, 0.7) in epsilon_differs and keep_fraction(0.7)(90) == 62
 
 
 def test_teacher_blocks_follow_the_authors_rule_at_any_depth():
@@ -274,6 +292,35 @@ def test_ema_teacher_starts_as_the_student_and_follows_the_momentum_formula():
     pcae.after_optimizer_step(progress=1.0)                         # m = 1: the teacher no longer moves
     assert all(torch.equal(old, teacher) for old, (teacher, _) in zip(frozen, pairs))
     assert cosine_momentum(0.0, 0.9999, 1.0) == pytest.approx(0.9999)
+
+
+def released_momentum_schedule(base: float, final: float, total_steps: int) -> list[float]:
+    """PCAE's released ``cosine_scheduler(momentum_teacher, 1, epochs, niter_per_ep)`` (no warmup), entry k used
+    after step k: final + ½(base − final)(1 + cos(π·k/K)), k = 0 … K − 1."""
+    return [final + 0.5 * (base - final) * (1 + math.cos(math.pi * k / total_steps)) for k in range(total_steps)]
+
+
+@pytest.mark.parametrize("method, options, start, end", [
+    ("pcae", {}, 0.9999, 1.0),
+    ("pcae", {"momentum_start": 0.5}, 0.5, 1.0),
+    ("ddae", {}, 0.999, 0.9999),
+])
+def test_ema_momentum_of_every_step_is_the_released_one(method, options, start, end):
+    """Step k of K updates with m_k of the released schedule: m_0 = start at the first step, and the last step
+    (k = K − 1) still moves the teacher (the schedule ran one step ahead before issue 26: its last update was
+    m = end = 1, a no-op). The engine passes progress k / K (``MIMMethod.after_optimizer_step``)."""
+    torch.manual_seed(0)
+    model = build_method(method, tiny_model().resolved(), options)
+    total_steps = 5
+    for step, released in enumerate(released_momentum_schedule(start, end, total_steps)):
+        with torch.no_grad():
+            model.encoder.cls_token.add_(1.0)                          # the student moves by 1 before each update
+        teacher_before, student = model.teacher.cls_token.clone(), model.encoder.cls_token.clone()
+        model.after_optimizer_step(step / total_steps)
+        assert cosine_momentum(step / total_steps, start, end) == pytest.approx(released, abs=1e-15)
+        assert torch.allclose(model.teacher.cls_token, released * teacher_before + (1 - released) * student,
+                              atol=1e-6)
+    assert released < end and not torch.equal(model.teacher.cls_token, teacher_before)   # the last step moved it
 
 
 def test_teacher_gets_no_gradient_and_stays_in_eval_mode():

@@ -51,7 +51,11 @@ class MIMMethod(nn.Module):
         raise NotImplementedError
 
     def after_optimizer_step(self, progress: float) -> None:
-        """Called once per optimizer step (not per accumulated micro-batch), e.g. for EMA teachers."""
+        """Called once after each optimizer step (not per accumulated micro-batch), e.g. for EMA teachers.
+
+        progress: k / K for step k of K (k from 0), the fraction of training done *before* this step — the
+        ``progress`` its forward saw — so a cosine momentum schedule is the released one (``teacher.py``).
+        """
 
     def teacher_modules(self) -> list[nn.Module]:
         """Sub-modules that are never trained by gradient (excluded from the optimizer)."""

@@ -59,17 +59,21 @@ def rescale_blocks_of_12(blocks_of_12: Sequence[int], depth: int) -> tuple[int, 
 
 
 def keep_fraction(keep_ratio: float) -> KeptCount:
-    """Keep ⌊n·ρ⌋ tokens (at least one): the PCAE teacher, ρ = 0.5 gives 147 → 73 → 36 → 18.
+    """Keep ``int(n·ρ)`` tokens (at least one): the PCAE teacher, ρ = 0.5 gives 147 → 73 → 36 → 18.
 
-    DESIGN CHOICE: the authors' code keeps ``int(n·ρ)``, which is 0 once n·ρ < 1 (a later stage of a
-    deep teacher with few masked tokens, or a small ρ); we keep at least one token so that the decoder
-    always has a query and the loss is defined. Where int(n·ρ) ≥ 1 the two agree."""
-    return lambda num_tokens: max(1, math.floor(num_tokens * keep_ratio + 1e-9))
+    ``int(n·ρ)`` is the authors' released count, floating-point product included: e.g. 90·0.7 is
+    62.999… in binary floating point, so both keep 62 (an epsilon would round it up to 63).
+    DESIGN CHOICE: the released count is 0 once n·ρ < 1 (a later stage of a deep teacher with few masked
+    tokens, or a small ρ); we keep at least one token so that the decoder always has a query and the loss is
+    defined. Wherever int(n·ρ) ≥ 1 the two counts are equal (tests/test_pcae.py enumerates n ≤ 1024,
+    ρ = 0.01 … 0.99)."""
+    return lambda num_tokens: max(1, int(num_tokens * keep_ratio))
 
 
 def drop_fraction(drop_ratio: float) -> KeptCount:
-    """Drop ⌊n·R⌋ tokens, keep the rest (at least one): downstream compression. The epsilon guards
-    products that are whole numbers in exact arithmetic but land just below in floating point."""
+    """Drop ⌊n·R⌋ tokens, keep the rest (at least one): downstream compression, where no released code fixes
+    the count. The epsilon guards products that are whole numbers in exact arithmetic but land just below in
+    floating point (⌊n·R⌋ of the decimal R the user typed)."""
     return lambda num_tokens: max(1, num_tokens - math.floor(num_tokens * drop_ratio + 1e-9))
 
 

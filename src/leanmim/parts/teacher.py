@@ -18,7 +18,13 @@ def make_teacher(student: nn.Module) -> nn.Module:
 
 
 def cosine_momentum(progress: float, start: float, end: float) -> float:
-    """Cosine schedule from ``start`` (progress 0) to ``end`` (progress 1)."""
+    """Cosine schedule from ``start`` (progress 0) to ``end`` (progress 1).
+
+    The EMA update after optimizer step k of K (k from 0) takes ``progress = k / K``, the progress that step's
+    forward saw (``MIMMethod.after_optimizer_step``): m_k = end − (end − start)·(cos(π·k/K) + 1)/2, the
+    released PCAE schedule (``cosine_scheduler(momentum_teacher, 1, …)[k]``, DINO's). So the first update uses
+    ``start`` and the last one, k = K − 1, still moves the teacher a little; ``end`` itself is never used.
+    """
     progress = min(max(progress, 0.0), 1.0)
     return end - (end - start) * (math.cos(math.pi * progress) + 1) / 2
 
