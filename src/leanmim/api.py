@@ -240,13 +240,28 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
     return export_encoder(loaded.method.encoder, loaded.config.model, out, mean, std)
 
 
-def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, batch_size: int = 64,
+def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | None = None, batch_size: int = 64,
             overwrite: bool = False) -> dict[str, Any]:
     """Classify every image below ``data`` with a fine-tuning's selected classifier; writes a CSV (see
-    :mod:`leanmim.eval.predict`) and returns a summary (rows, skipped images, the CSV's path)."""
+    :mod:`leanmim.eval.predict`) and returns a summary (rows, skipped images, the CSV's path). ``top_k``: classes
+    per image (None: min(5, the number of classes))."""
     from .eval.predict import predict as run_predict
 
     return run_predict(finetuning, data, out, top_k=top_k, batch_size=batch_size, overwrite=overwrite)
+
+
+def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", batch_size: int = 64,
+          overwrite: bool = False) -> dict[str, Any]:
+    """The frozen encoder's features of every image below ``data`` (a directory, recursive, or one image), written
+    atomically to ``out`` (``.safetensors``: tensor ``features`` (N, F) float32, the N image paths relative to
+    ``data`` in its metadata; read it back with :func:`leanmim.eval.embed.read_embeddings`).
+
+    ``source``: a pretraining run or a fine-tuning (directory or checkpoint), evaluated with its own preprocessing
+    (data mean/std, resize + centre crop); ``pool`` as :func:`probe`'s (mean, cls, cls+mean, tokens). Unreadable
+    images are skipped and counted; returns a summary (rows, feature_dim, skipped, skipped_examples, out)."""
+    from .eval.embed import embed as run_embed
+
+    return run_embed(source, data, out, pool=pool, batch_size=batch_size, overwrite=overwrite)
 
 
 def status(run: str | Path) -> dict[str, Any]:

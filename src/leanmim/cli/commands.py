@@ -220,6 +220,20 @@ def command_predict(args) -> int:
     return 0
 
 
+def command_embed(args) -> int:
+    from .. import api
+    result = api.embed(args.source, args.data, args.out, pool=args.pool, batch_size=args.batch_size,
+                       overwrite=args.overwrite)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"embedded {result['rows']} images ({result['feature_dim']}-d {result['pool']} features) into {result['out']}")
+    if result["skipped"]:
+        examples = ", ".join(result["skipped_examples"][:3])
+        print(f"skipped {result['skipped']} unreadable image(s): {examples}{', ...' if result['skipped'] > 3 else ''}")
+    return 0
+
+
 def command_status(args) -> int:
     from .. import api
     from ..eval.status import format_status

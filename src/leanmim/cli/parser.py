@@ -9,9 +9,9 @@ from typing import Any
 from .. import __version__, catalogue
 from ..catalogue import OptionSpec
 from ..config import SECTIONS, ConfigError, field_type
-from .commands import (SIZE_FIELDS, command_bench, command_cost, command_export, command_finetune, command_methods,
-                       command_predict, command_pretrain, command_probe, command_reconstruct, command_runs,
-                       command_shard, command_status)
+from .commands import (SIZE_FIELDS, command_bench, command_cost, command_embed, command_export, command_finetune,
+                       command_methods, command_predict, command_pretrain, command_probe, command_reconstruct,
+                       command_runs, command_shard, command_status)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -199,17 +199,31 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 def add_use_commands(commands) -> None:
-    """predict, status, runs (and embed): the commands that use a trained model or read a run."""
+    """predict, embed, status, runs: the commands that use a trained model or read a run."""
     predict = commands.add_parser("predict", help="classify images with a fine-tuning's selected classifier (CSV)")
     predict.add_argument("finetuning", help="fine-tuning output directory or checkpoint")
     predict.add_argument("--data", required=True, help="directory of images (recursive) or one image file")
     predict.add_argument("--out", required=True, help="CSV file to write (image, class_1, probability_1, ...)")
-    predict.add_argument("--top-k", type=int, default=5, help="classes per image, most probable first [5, at most "
-                                                              "the number of classes]")
+    predict.add_argument("--top-k", type=int, default=None, help="classes per image, most probable first "
+                                                                 "[min(5, the number of classes)]")
     predict.add_argument("--batch-size", type=int, default=64, help="images per forward pass [64]")
     predict.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     predict.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     predict.set_defaults(handler=command_predict)
+
+    embed = commands.add_parser("embed", help="features of every image of a folder from a run's frozen encoder "
+                                              "(safetensors)")
+    embed.add_argument("source", help="pretraining run or fine-tuning (directory or checkpoint)")
+    embed.add_argument("--data", required=True, help="directory of images (recursive) or one image file")
+    embed.add_argument("--out", required=True, help="FILE.safetensors to write: tensor 'features' (N, F) float32, the "
+                                                    "image paths (relative to --data) in its metadata")
+    embed.add_argument("--pool", default="mean", choices=("mean", "cls", "cls+mean", "tokens"),
+                       help="image feature, as probe pools it: mean of patch tokens, cls token, both, or all patch "
+                            "tokens flattened [mean]")
+    embed.add_argument("--batch-size", type=int, default=64, help="images per forward pass [64]")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    embed.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    embed.set_defaults(handler=command_embed)
 
     status = commands.add_parser("status", help="where a pretraining or fine-tuning run stands")
     status.add_argument("run", help="run directory (the --out of pretrain or finetune)")

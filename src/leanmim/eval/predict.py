@@ -29,6 +29,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from ..config import ConfigError
 
+DEFAULT_TOP_K = 5   # classes per image unless asked, at most the number of classes
+
 
 def eval_view(image: Tensor, img_size: int, crop_pct: float, mean, std) -> Tensor:
     """uint8 (C, H, W) -> normalised float (C, img_size, img_size): the shorter side to round(img_size / crop_pct)
@@ -67,9 +69,10 @@ def read_batches(files: list[str], channels: int, batch_size: int, view) -> Iter
 
 
 @torch.no_grad()
-def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, batch_size: int = 64,
+def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | None = None, batch_size: int = 64,
             overwrite: bool = False) -> dict[str, Any]:
-    """Write ``out`` (CSV, atomically) with the top-``top_k`` classes and probabilities of every image below ``data``."""
+    """Write ``out`` (CSV, atomically) with the top-``top_k`` classes and probabilities of every image below ``data``
+    (``top_k`` None: min(5, the number of classes))."""
     from ..files import atomic_write_text
     from ..train.precision import default_device
     from ..train.run import check_output_file
@@ -83,6 +86,8 @@ def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int = 5, 
                           f"classifier; for features of a pretrained encoder use 'leanmim embed'")
     loaded = load_finetuned(finetuning)
     names = loaded.results["class_names"]
+    if top_k is None:
+        top_k = min(DEFAULT_TOP_K, len(names))
     if not 1 <= top_k <= len(names):
         raise ConfigError(f"--top-k must lie between 1 and the {len(names)} classes, got {top_k}")
     stats = finetune_data_stats(loaded.checkpoint_path)

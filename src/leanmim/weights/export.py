@@ -273,3 +273,20 @@ def eval_crop_pct(splits, img_size: int) -> float:
     if transform is not None and getattr(transform, "crop_size", None) is None:
         return 1.0
     return img_size / stored_size(img_size)
+
+
+def pretraining_crop_pct(config) -> float:
+    """The evaluation view of a pretraining run as ``crop_pct``, as its probe on the same kind of data sees images:
+    1.0 (plain resize) when it was pretrained on idx data or shards of it, else the folder view (resize to
+    stored_size(img_size), centre crop). A data path that no longer resolves counts as a folder."""
+    from ..data import FASHION_MNIST_ALIASES, DataError, default_img_size, stored_size
+
+    img_size, path = config.model.img_size, str(config.data.path)
+    if path.lower() in FASHION_MNIST_ALIASES:
+        return 1.0
+    try:
+        native = default_img_size(path)
+    except (DataError, ConfigError, OSError):
+        native = None
+    return 1.0 if native is not None else img_size / stored_size(img_size)
+

@@ -1,0 +1,131 @@
+"""leanmim embed: one row per readable image, the run's own evaluation view and normalisation, the probe's pooling,
+a fine-tuning's head input, atomic and refusing to overwrite, bad images skipped and counted."""
+
+import dataclasses
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from conftest import tiny_model, tiny_run_config
+from test_use import FAST, make_folder, read_rows
+from leanmim import api
+from leanmim.cli import main
+from leanmim.eval.embed import read_embeddings
+from leanmim.train.pretrain import pretrain
+from leanmim.weights import load_finetuned, load_run
+
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:skipping unreadable image"),
+              pytest.mark.filterwarnings("ignore:predict skipped")]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return make_folder(tmp_path_factory.mktemp("embed") / "photos", per_class=(24, 6))
+
+
+@pytest.fixture(scope="module")
+def pretrained(folder, tmp_path_factory):
+    run = tmp_path_factory.mktemp("embed-run") / "run"
+    config = tiny_run_config(folder, run, epochs=1, batch_size=16)
+    pretrain(dataclasses.replace(config, model=tiny_model(in_chans=3)))
+    return run
+
+
+@pytest.fixture(scope="module")
+def finetuned(pretrained):
+    api.finetune(pretrained, epochs=2, val_fraction=0.25, **FAST)
+    return pretrained / "finetune"
+
+
+@pytest.fixture
+def images(folder, tmp_path):
+    """The 12 test pictures (in cat/, dog/), one nested deeper, and two files that are not images."""
+    root = tmp_path / "images"
+    shutil.copytree(folder / "test", root)
+    (root / "dog" / "more").mkdir()
+    shutil.move(root / "dog" / "000.png", root / "dog" / "more" / "000.png")
+    (root / "broken.png").write_bytes(b"not an image")
+    (root / "cat" / "empty.jpg").write_bytes(b"")
+    return root
+
+
+def by_hand(path, mean, std, resized=18, size=16):
+    """The evaluation view written out: shorter side to ``resized`` (bicubic, antialiased), centre size², mean/std."""
+    image = TF.pil_to_tensor(Image.open(path).convert("RGB"))
+    image = TF.resize(image, [resized], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
+    image = TF.center_crop(image, [size, size]).float() / 255
+    return ((image - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None])[None]
+
+
+def test_embed_has_one_row_per_readable_image_with_the_encoders_pooled_features(pretrained, images, tmp_path):
+    out = tmp_path / "features.safetensors"
+    with pytest.warns(UserWarning, match="skipping unreadable image"):
+        result = api.embed(pretrained, str(images), out)
+    features, paths, metadata = read_embeddings(out)
+    expected = sorted(str(p.relative_to(images)) for p in images.rglob("*.png") if p.name != "broken.png")
+    assert sorted(paths) == expected and len(paths) == 12 and result["rows"] == 12
+    assert result["skipped"] == 2 and sorted(name.rsplit("/", 1)[-1] for name in result["skipped_examples"]) == \
+        ["broken.png", "empty.jpg"]
+    assert features.shape == (12, 32) and features.dtype == torch.float32 and metadata["skipped"] == 2
+    # the folder view of a folder-pretrained run: 16 / 18 (resize to 18, centre crop 16), the run's data mean/std
+    dataset = json.loads((pretrained / "summary.json").read_text())["dataset"]
+    assert metadata["crop_pct"] == pytest.approx(16 / 18) and metadata["mean"] == pytest.approx(dataset["mean"])
+    encoder = load_run(pretrained).method.encoder
+    for row in (0, 5, paths.index("dog/more/000.png")):
+        with torch.no_grad():
+            tokens = encoder.forward_features(by_hand(images / paths[row], dataset["mean"], dataset["std"]))
+        assert torch.allclose(features[row], tokens[0, 1:].mean(0), atol=1e-5)
+        if row == 0:
+            cls_token, patch_tokens = tokens[0, 0], tokens[0, 1:].flatten()
+    # the probe's other poolings: same rows, same order
+    for pool, width, first in (("cls", 32, cls_token), ("tokens", 16 * 32, patch_tokens)):
+        other = tmp_path / f"{pool}.safetensors"
+        api.embed(pretrained, str(images), other, pool=pool, batch_size=5)   # batches of 5: 3 batches with a rest
+        pooled, pooled_paths, _ = read_embeddings(other)
+        assert pooled_paths == paths and pooled.shape == (12, width)
+        assert torch.allclose(pooled[0], first, atol=1e-5)
+
+
+def test_embed_of_a_finetuning_gives_the_heads_input(finetuned, images, tmp_path):
+    out = tmp_path / "tuned.safetensors"
+    api.embed(finetuned, str(images), out, pool="mean")
+    features, paths, metadata = read_embeddings(out)
+    assert metadata["kind"] == "finetune" and features.shape == (12, 32)
+    classifier = load_finetuned(finetuned).classifier
+    predictions = tmp_path / "predictions.csv"
+    api.predict(finetuned, str(images), predictions)   # default top-k: both classes (min(5, 2))
+    rows = read_rows(predictions)
+    assert [row["image"] for row in rows] == [str(images / path) for path in paths]
+    with torch.no_grad():
+        probabilities = classifier.head(features).softmax(-1)   # fc_norm is inside the features already
+    names = load_finetuned(finetuned).results["class_names"]
+    for row, probability in zip(rows, probabilities):
+        assert {row["class_1"]: float(row["probability_1"]), row["class_2"]: float(row["probability_2"])} == \
+            pytest.approx(dict(zip(names, probability.tolist())), abs=2e-6)
+
+
+def test_embed_refuses_an_existing_file_an_empty_folder_and_a_bad_pool(pretrained, images, tmp_path, capsys):
+    out = tmp_path / "features.safetensors"
+    out.write_bytes(b"mine")
+    assert main(["embed", str(pretrained), "--data", str(images), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err and out.read_bytes() == b"mine"
+    assert main(["embed", str(pretrained), "--data", str(images), "--out", str(out), "--overwrite"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].startswith("embedded 12 images (32-d mean features)")
+    assert printed[1].startswith("skipped 2 unreadable image(s): ") and "broken.png" in printed[1]
+    assert read_embeddings(out)[0].shape == (12, 32)
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]   # written beside, renamed into place
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["embed", str(pretrained), "--data", str(empty), "--out", str(tmp_path / "e.safetensors")]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("leanmim: error: no image files found")
+    assert main(["embed", str(pretrained), "--data", str(images), "--out", str(tmp_path / "x.npy")]) == 2
+    assert "must end in .safetensors" in capsys.readouterr().err
+    with pytest.raises(Exception, match="unknown --pool"):
+        api.embed(pretrained, str(images), tmp_path / "p.safetensors", pool="max")
