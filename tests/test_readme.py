@@ -27,7 +27,6 @@ TINY = {
                 "--decoder-depth 1 --decoder-num-heads 2 --epochs 1 --batch-size 8 --logger csv",
     "probe": "--k 3 --linear-epochs 2",
     "finetune": "--epochs 1 --batch-size 8",
-    "predict": "--top-k 1",  # the tiny data has 2 classes; the default top-k is 5
 }
 
 

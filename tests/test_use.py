@@ -83,6 +83,9 @@ def test_predict_names_the_folders_classes_and_skips_bad_images(finetuned, folde
     recorded = json.loads((finetuned / "finetune.json").read_text())["selected_test_top1"]
     assert correct / len(rows) == pytest.approx(recorded, abs=0.09) and correct >= 20                      # the classes are told apart: names are attached to the right labels
     assert main(["predict", str(finetuned), "--data", str(images), "--out", str(out)]) == 2    # no --overwrite
+    # the default --top-k is min(5, classes): both classes here, not an error
+    assert main(["predict", str(finetuned), "--data", str(images), "--out", str(out), "--overwrite"]) == 0
+    assert list(read_rows(out)[0]) == ["image", "class_1", "probability_1", "class_2", "probability_2"]
     assert main(["predict", str(finetuned), "--data", str(images), "--out", str(tmp_path / "p.csv"), "--top-k", "3"]) == 2
 
 
