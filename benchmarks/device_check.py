@@ -42,7 +42,6 @@ import argparse
 import csv
 import dataclasses
 import json
-import math
 import os
 import signal
 import statistics
@@ -66,7 +65,7 @@ from leanmim.config import ModelConfig  # noqa: E402
 from leanmim.eval.cost import count_train_step  # noqa: E402
 from leanmim.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, read_idx  # noqa: E402
 from leanmim.parts.encoder import training_attention  # noqa: E402
-from leanmim.train.optim import parameter_groups  # noqa: E402
+from leanmim.train.optim import adamw, parameter_groups  # noqa: E402
 from leanmim.methods import build_method  # noqa: E402
 
 METHODS = ("mae", "pcae", "prmim", "lomar", "ddae")
@@ -147,8 +146,7 @@ class Stepper:
         torch.manual_seed(0)
         self.device = device
         self.method = build_method(method_name, model, {}).to(device)
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.method, 0.05), lr=1e-4, betas=(0.9, 0.95),
-                                           fused=True if device.type == "cuda" else None)
+        self.optimizer = adamw(parameter_groups(self.method, 0.05), 1e-4, (0.9, 0.95))
         self.images = torch.randn(batch, model.in_chans, model.img_size, model.img_size, device=device)
         self.forward = torch.compile(self.method) if compiled else self.method
 
@@ -272,19 +270,28 @@ def checkpoint_step(run_dir: Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True).get("global_step", 0))
 
 
+def progress_step(run_dir: Path) -> int:
+    """The step the run's summary.json says it reached (written by the run every few seconds while it trains)."""
+    try:
+        return int(json.loads((run_dir / "summary.json").read_text()).get("progress", {}).get("step", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return 0
+
+
 def run_cli_until(command: list[str], run_dir: Path, seconds: float, box: float, startup: float) -> dict[str, Any]:
-    """Start ``command``; let it train ``seconds`` after its start-up (``startup`` seconds, or less when its CSV log
-    shows steps sooner: a fresh log is written after 100 steps), then SIGTERM it."""
+    """Start ``command``; let it train ``seconds`` after its first step (seen in its summary.json progress, or assumed
+    after ``startup`` seconds), and until it has gone at least 2 steps beyond where it started; then SIGTERM it.
+    Progress-based rather than time-based, so that a slow (or busy) machine still stops a run that has trained."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), os.environ.get("PYTHONPATH", "")])}
     started = time.monotonic()
+    step_before = progress_step(run_dir)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     first_step_at = None
-    log_before = (run_dir / "logs" / "metrics.csv").stat().st_mtime if (run_dir / "logs" / "metrics.csv").is_file() else 0
     while process.poll() is None and time.monotonic() - started < box:
-        logged = (run_dir / "logs" / "metrics.csv").is_file() and (run_dir / "logs" / "metrics.csv").stat().st_mtime > log_before
-        if first_step_at is None and (logged or time.monotonic() - started > startup):
+        step = progress_step(run_dir)
+        if first_step_at is None and (step > step_before or time.monotonic() - started > startup):
             first_step_at = time.monotonic()
-        if first_step_at is not None and time.monotonic() - first_step_at >= seconds:
+        if first_step_at is not None and time.monotonic() - first_step_at >= seconds and step >= step_before + 2:
             break
         time.sleep(0.2)
     if process.poll() is None:

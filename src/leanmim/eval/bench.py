@@ -29,7 +29,7 @@ from ..config import ConfigError, ModelConfig
 from ..methods import METHODS, MIMMethod, build_method, method_class
 from ..parts.encoder import training_attention
 from ..parts.tokens import BatchRandom
-from ..train.optim import parameter_groups
+from ..train.optim import adamw, parameter_groups
 from ..train.precision import bf16_supported
 from .cost import method_cost, peak_train_memory
 
@@ -69,7 +69,7 @@ class Stepper:
 
     def __init__(self, method: MIMMethod, images: torch.Tensor, autocast_dtype: torch.dtype | None):
         self.method, self.images, self.autocast_dtype = method.train(), images, autocast_dtype
-        self.optimizer = torch.optim.AdamW(parameter_groups(method, 0.05), lr=1e-4, betas=(0.9, 0.95))
+        self.optimizer = adamw(parameter_groups(method, 0.05), 1e-4, (0.9, 0.95))  # the engine's (fused on a GPU)
         self.steps_done = 0
 
     def step(self) -> float:

@@ -73,7 +73,7 @@ from ..parts.encoder import training_attention
 from ..weights import eval_crop_pct, load_run, read_finetune_entry
 from .console import quiet
 from .finetune_data import FinetuneData, TrainAugment, finetune_splits
-from .optim import layer_decay_groups, warmup_cosine
+from .optim import adamw_warmup_cosine, layer_decay_groups
 from .precision import lightning_precision
 from .run import write_json, write_summary
 from .trainer import NonFiniteLossError, build_trainer, fitting, session_record
@@ -173,12 +173,7 @@ class FinetuneModule(L.LightningModule):
         groups = layer_decay_groups(self.classifier, train.weight_decay, train.layer_decay)
         for group in groups:
             group["lr"] = base * group["lr_scale"]
-        optimizer = torch.optim.AdamW(groups, lr=base, betas=(0.9, 0.999))
-        warmup = int(train.warmup_fraction * self.total_steps)
-        min_ratio = train.min_lr / base if base > 0 else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, self.total_steps, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(groups, base, (0.9, 0.999), train.warmup_fraction, self.total_steps, train.min_lr)
 
     def learning_rate(self) -> float:
         if self.settings.lr is not None:
@@ -287,15 +282,23 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
         raise ConfigError("finetune starts from a pretraining run or from --init-from WEIGHTS: pass exactly one")
     if run is None:  # published weights without a leanmim run (weights.py: any layout --init-from reads)
         from ..weights import run_from_weights
-        loaded = run_from_weights(settings.init_from, settings.data or DataConfig().path)
+        loaded = run_from_weights(settings.init_from, settings.data or DataConfig().path, settings.num_heads,
+                                  settings.img_size)   # warns its one load line
         source = Path("runs") / f"finetune-{Path(settings.init_from).name.split('.')[0]}"
     else:
         source = Path(run)
         if read_finetune_entry(source) is not None:
             raise ConfigError(f"'{source}' is a fine-tuning result: pass the pretraining run directory or checkpoint")
         loaded = load_run(source)
+        if settings.num_heads not in (None, loaded.config.model.num_heads):
+            raise ConfigError(f"'{source}' states its {loaded.config.model.num_heads} encoder heads: --num-heads is for "
+                              f"--init-from weights that do not")
         if not settings.from_scratch:
             loaded.warn_if_unfinished("the fine-tune")
+    adapted: list[str] = []   # what the start summary says was changed in the run's model
+    if run is not None and settings.img_size is not None:
+        from ..weights.load import run_at_img_size
+        loaded, adapted = run_at_img_size(loaded, settings.img_size)
     model = loaded.config.model
     out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)
     data = settings.data or loaded.config.data.path
@@ -348,6 +351,12 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
                             stop_after_last_batch=True)
     module.batches_per_epoch = len(subsets.train) // (settings.batch_size * trainer.world_size)
     module.total_steps = settings.epochs * max(1, module.batches_per_epoch)
+    if trainer.is_global_zero:
+        from .console import emit, finetune_summary_rows, start_summary
+        emit(start_summary(finetune_summary_rows(settings, loaded, classifier, data, splits, subsets, trainer,
+                                                 max(1, module.batches_per_epoch), module.total_steps, out,
+                                                 resume_from, precision, adapted),
+                           title=f"fine-tuning (leanmim {__version__})"))
 
     def describe(current: FinetuneModule) -> dict[str, Any]:
         return {"source": str(loaded.checkpoint_path), "source_global_step": loaded.global_step,

@@ -20,6 +20,7 @@ from ..data import BatchMIMAugment, DataError, build_labelled_splits
 from ..data.common import worker_start_method
 from ..data.sampler import GlobalBatchSampler
 from ..data.splits import TrainValTest, carve_splits, folder_val_split
+from .precision import pin_memory
 
 
 @contextlib.contextmanager
@@ -87,12 +88,14 @@ class FinetuneData(L.LightningDataModule):
         sampler = GlobalBatchSampler(len(self.splits.train), self.settings.batch_size, self.settings.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
         return DataLoader(self.splits.train, batch_sampler=sampler, num_workers=self.workers,
-                          persistent_workers=self.workers > 0, multiprocessing_context=worker_start_method(self.workers))
+                          persistent_workers=self.workers > 0, multiprocessing_context=worker_start_method(self.workers),
+                          pin_memory=pin_memory(self.trainer))
 
     def evaluation_loader(self, dataset) -> DataLoader:
         # Every process evaluates the whole split: exact, and the split is small next to training.
         return DataLoader(dataset, batch_size=self.settings.batch_size, shuffle=False, num_workers=self.workers,
-                          persistent_workers=False, multiprocessing_context=worker_start_method(self.workers))
+                          persistent_workers=False, multiprocessing_context=worker_start_method(self.workers),
+                          pin_memory=pin_memory(self.trainer))
 
     def val_dataloader(self) -> DataLoader:
         return self.evaluation_loader(self.splits.val)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
+
 from ..methods import MIMMethod
 from ..parts.classifier import Classifier
 
@@ -17,6 +19,25 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def adamw(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float]) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step (torch's ``fused=True``) when every parameter is on a GPU — Lightning
+    moves the model to its device before it asks for the optimizer — and torch's default implementation elsewhere."""
+    parameters = [parameter for group in groups for parameter in group["params"]]
+    fused = bool(parameters) and all(p.is_cuda and p.is_floating_point() for p in parameters)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, **({"fused": True} if fused else {}))
+
+
+def adamw_warmup_cosine(groups: list[dict[str, Any]], lr: float, betas: tuple[float, float], warmup_fraction: float,
+                        total_steps: int, min_lr: float) -> dict[str, Any]:
+    """:func:`adamw` with a per-step warmup-cosine schedule, as Lightning's ``configure_optimizers`` returns it."""
+    optimizer = adamw(groups, lr, betas)
+    warmup = int(warmup_fraction * total_steps)
+    min_ratio = min_lr / lr if lr > 0 else 0.0
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer,
+                                                 lambda step: warmup_cosine(step, warmup, total_steps, min_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 def parameter_groups(method: MIMMethod, weight_decay: float) -> list[dict[str, Any]]:

@@ -40,3 +40,9 @@ def precision_reason(requested: str, resolved: str, accelerator: str = "auto") -
 def default_device() -> torch.device:
     """The GPU when torch sees one, else the CPU (probe, reconstruct; pretrain and finetune: Lightning's 'auto')."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pin_memory(trainer) -> bool:
+    """Page-locked loader batches when training on a GPU: Lightning then copies them to it asynchronously
+    (``non_blocking``), overlapping the copy with the previous step. Pointless (and a little slower) on a CPU."""
+    return trainer is not None and getattr(trainer.strategy.root_device, "type", "cpu") == "cuda"

@@ -32,8 +32,8 @@ from ..parts.tokens import BatchRandom
 from ..weights import checkpoint_step, newest_checkpoint, read_checkpoint
 from .console import quiet
 from .lock import RunLock, is_launcher_rank_zero
-from .optim import parameter_groups, resume_position, warmup_cosine
-from .precision import lightning_precision
+from .optim import adamw_warmup_cosine, parameter_groups, resume_position
+from .precision import lightning_precision, pin_memory
 from .run import check_run_directory, data_fingerprint, has_checkpoint, identity_of, write_run_file, write_summary
 from .trainer import NonFiniteLossError, ThroughputSummary, build_trainer, fitting, session_record
 
@@ -107,13 +107,8 @@ class PretrainModule(L.LightningModule):
 
     def configure_optimizers(self):
         train = self.config.train
-        optimizer = torch.optim.AdamW(parameter_groups(self.method, train.weight_decay), lr=self.learning_rate(),
-                                      betas=(train.beta1, train.beta2))
-        warmup = int(train.warmup_fraction * self.total_steps)
-        min_ratio = train.min_lr / self.learning_rate() if self.learning_rate() > 0 else 0.0
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, warmup, self.total_steps, min_ratio))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+        return adamw_warmup_cosine(parameter_groups(self.method, train.weight_decay), self.learning_rate(),
+                                   (train.beta1, train.beta2), train.warmup_fraction, self.total_steps, train.min_lr)
 
     def learning_rate(self) -> float:
         train = self.config.train
@@ -164,7 +159,8 @@ class PretrainData(L.LightningDataModule):
             sampler.set_epoch(sampler.resume_at[0])
         workers = 0 if self.data.in_memory else self.config.data.num_workers
         return DataLoader(self.data.dataset, batch_sampler=sampler, num_workers=workers,
-                          persistent_workers=workers > 0, multiprocessing_context=worker_start_method(workers))
+                          persistent_workers=workers > 0, multiprocessing_context=worker_start_method(workers),
+                          pin_memory=pin_memory(self.trainer))
 
 
 def pretrain_identity(config: RunConfig, world_size: int, data_fingerprint_text: str | None) -> dict[str, Any]:
