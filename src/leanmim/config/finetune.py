@@ -55,6 +55,10 @@ class FinetuneConfig:
                                 "(seeded by --seed), i.e. the supervised baseline under the same recipe")
     init_from: str | None = option(None, "fine-tune published weights instead of a leanmim run (MAE reference .pth, "
                                          "timm .pth/.safetensors, transformers directory); architecture from the file")
+    num_heads: int | None = option(None, "encoder attention heads of --init-from weights whose file does not state "
+                                         "them (default: the file's, else the preset's of that width, with a note)")
+    img_size: int | None = option(None, "fine-tune at this image size in pixels (default: the pretraining's); the "
+                                        "position table is resized as when loading, the data are read at this size")
     crop_min_scale: float | None = option(None, "smallest RandomResizedCrop area (default: 0.08 from 128 px up, else 0.5)")
     hflip: bool = option(True, "random horizontal flips")
     eval_hflip: bool = option(False, "test-time mirror averaging: validate and test on the mean softmax of each image and "
@@ -87,6 +91,9 @@ class FinetuneConfig:
             raise ConfigError(f"labels_per_class must be at least 1, got {self.labels_per_class}")
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
+        for name in ("num_heads", "img_size"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale must lie in (0, 1], got {self.crop_min_scale}")
         if not (math.isfinite(self.mixup) and math.isfinite(self.cutmix) and self.mixup >= 0 and self.cutmix >= 0):

@@ -194,6 +194,36 @@ def pretrain_summary_rows(config, method_module, data, trainer, steps_per_epoch:
     return rows
 
 
+def finetune_summary_rows(settings, loaded, classifier, data: str, splits, subsets, trainer, steps_per_epoch: int,
+                          total_steps: int, out: Path, resume_from: Path | None, precision: str,
+                          notes: list[str] = ()) -> list[tuple[str, str]]:
+    """The start summary of a fine-tuning (see :func:`start_summary`): ``loaded`` the LoadedRun it starts from,
+    ``classifier`` the Classifier to train, ``subsets`` the train/val/test split, ``notes`` what was adapted."""
+    model, method = loaded.config.model, loaded.config.method
+    if settings.from_scratch:
+        source = f"none: the {method} encoder of '{loaded.checkpoint_path}' freshly initialised (--from-scratch)"
+    elif settings.init_from:
+        source = f"{settings.init_from} (published weights, --init-from)"
+    else:
+        source = f"{loaded.checkpoint_path} ({method} pretraining, step {loaded.global_step:,})"
+    model_text = (f"{model.name} ({model.embed_dim} wide, {model.depth} blocks, {model.num_heads} heads, patch "
+                  f"{model.patch_size}) at {format_img_size(model)} px, {model.in_chans} channel"
+                  f"{'s' if model.in_chans > 1 else ''}; {settings.pool} head, {format_count(count_parameters(classifier))}"
+                  f" parameters")
+    counts = subsets.counts()
+    data_text = (f"{data}: {counts['num_train']:,} train, {counts['num_val']:,} validation ({subsets.val_source}), "
+                 f"{counts['num_test']:,} test images; {splits.num_classes} classes")
+    batch = settings.batch_size * trainer.world_size
+    rows = [("source", source), ("model", model_text)] + [("", note) for note in notes] + [("data", data_text)]
+    rows += [("steps", f"{steps_per_epoch:,} per epoch, {total_steps:,} in total ({settings.epochs} epochs, global "
+                       f"batch {batch})"),
+             ("precision", precision_reason(settings.precision, precision, settings.accelerator)),
+             ("devices", describe_devices(trainer)),
+             ("output directory", str(Path(out).resolve())),
+             ("resumed from", str(resume_from) if resume_from is not None else "no (new fine-tuning)")]
+    return rows
+
+
 def format_img_size(model) -> str:
     height, width = getattr(model, "img_hw", (model.img_size, model.img_size))
     return f"{height}" if height == width else f"{height}x{width}"

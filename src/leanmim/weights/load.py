@@ -90,8 +90,9 @@ def check_heads(found: int | None, expected: int, what: str, flag: str, source: 
         raise ConfigError(f"'{source}' has {found} {what} attention heads, this model {expected}: pass {flag} {found}")
 
 
-def load_encoder(encoder: ViTEncoder, weights: Weights) -> list[str]:
+def load_encoder(encoder: ViTEncoder, weights: Weights, heads_given: bool = False) -> list[str]:
     """Load the canonical encoder weights into a leanmim ``ViTEncoder``; returns notes on what was adapted.
+    ``heads_given``: the head count was the user's (``--num-heads``), not an assumption (the note says so).
 
     The stored position table is used (resized when the grid differs) and its cls row folded into ``cls_token``
     (leanmim adds no position to cls, so the sum is what the source computes). An RGB patch embedding is
@@ -112,8 +113,9 @@ def load_encoder(encoder: ViTEncoder, weights: Weights) -> list[str]:
     check_transformers_config(weights)
     check_heads(weights.config.get("num_heads"), encoder.num_heads, "encoder", "--num-heads", weights.source)
     if "num_heads" not in weights.config:
-        notes.append(f"the file does not state its encoder heads: {encoder.num_heads} assumed "
-                     f"(override with --num-heads)")
+        notes.append(f"the file does not state its encoder heads: {encoder.num_heads} from --num-heads" if heads_given
+                     else f"the file does not state its encoder heads: {encoder.num_heads} assumed "
+                          f"(override with --num-heads)")
     notes += eps_note(weights)
     if "pos_embed" in state:
         table = resized_table(state.pop("pos_embed"), encoder.grid_size, "encoder position table", notes,
@@ -220,11 +222,13 @@ def check_init_from(method_name: str, model: ModelConfig, options: dict[str, Any
         init_method_from(method, weights)
 
 
-def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: int | None = None) -> ModelConfig:
+def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: int | None = None,
+                       num_heads: int | None = None) -> ModelConfig:
     """The encoder architecture the weights describe (for fine-tuning weights that come without a leanmim run).
 
-    Width, depth, patch, MLP ratio and image size (grid × patch) come from the tensors; heads from the file's
-    config when it states them, else from the preset of that width, else width / 64.
+    Width, depth, patch, MLP ratio and image size (grid × patch, unless ``img_size``) come from the tensors; heads
+    from ``num_heads`` (``--num-heads``; checked against the file when it states them, by :func:`load_encoder`),
+    else from the file's config, else from the preset of that width, else width / 64.
     """
     state = weights.state
     patch = state["patch_embed.proj.weight"]
@@ -232,8 +236,12 @@ def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: 
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     if depth == 0:
         raise ConfigError(f"'{weights.source}' holds no transformer blocks")
+    if num_heads is not None and embed_dim % num_heads:
+        raise ConfigError(f"--num-heads {num_heads} does not divide the {embed_dim}-d width of '{weights.source}': "
+                          f"pass a divisor of {embed_dim}")
     presets = [(name, preset) for name, preset in MODEL_PRESETS.items() if preset["embed_dim"] == embed_dim]
-    heads = weights.config.get("num_heads") or (presets[0][1]["num_heads"] if presets else max(1, embed_dim // 64))
+    heads = num_heads or weights.config.get("num_heads") or (presets[0][1]["num_heads"] if presets
+                                                              else max(1, embed_dim // 64))
     exact = [name for name, preset in presets if preset["depth"] == depth and preset["patch_size"] == patch_size]
     name = exact[0] if exact else presets[0][0] if presets else "vit_base_patch16"
     grid = grid_of(state["pos_embed"].reshape(1, -1, embed_dim)) if "pos_embed" in state else 224 // patch_size
@@ -243,18 +251,54 @@ def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: 
                        mlp_ratio=mlp_ratio).resolved()
 
 
-def run_from_weights(path: str | Path, data: str):
+def run_from_weights(path: str | Path, data: str, num_heads: int | None = None, img_size: int | None = None):
     """A :class:`~leanmim.weights.checkpoints.LoadedRun` for weights without a leanmim run (``finetune --init-from``): an
-    MAE-method model of the architecture the file describes (channels: the data's), encoder loaded."""
+    MAE-method model of the architecture the file describes (channels: the data's; heads: ``num_heads`` if given;
+    image size: ``img_size`` if given, the position table resized), encoder loaded. Warns one line of what was
+    loaded and assumed (:func:`load_line`)."""
     from ..config import DataConfig, RunConfig, TrainConfig
     from ..data import default_channels
     from ..methods import build_method
     from .checkpoints import LoadedRun
 
     weights = read_weights(path)
-    model = model_from_weights(weights, in_chans=default_channels(data))
+    model = model_from_weights(weights, in_chans=default_channels(data), img_size=img_size, num_heads=num_heads)
     method = build_method("mae", model, {})
-    for note in load_encoder(method.encoder, weights):
-        warnings.warn(f"--init-from: {note}")
+    notes = load_encoder(method.encoder, weights, heads_given=num_heads is not None)
+    warnings.warn(load_line(weights, "encoder", notes))
     config = RunConfig("mae", model, DataConfig(path=data), TrainConfig(), {})
     return LoadedRun(config, method.eval(), Path(weights.source), 0, 0)
+
+
+def run_at_img_size(loaded, img_size: int):
+    """(the :class:`~leanmim.weights.checkpoints.LoadedRun` ``loaded`` rebuilt for ``img_size``-pixel images, notes):
+    the same weights, each absolute position table (L', D) of another grid resized to (L, D) by
+    :func:`resized_table`'s rule for leanmim's own weights (timm's, the layout leanmim exports); relative-position
+    encoders need no change. ``loaded`` itself when the size is already ``img_size``."""
+    import dataclasses
+
+    from ..methods import build_method
+
+    old = loaded.config.model
+    if img_size == old.img_size:
+        return loaded, []
+    model = dataclasses.replace(old, img_size=img_size)
+    model.validate()   # a size that is no multiple of the patch, or a single patch: one line
+    method = build_method(loaded.config.method, model, loaded.config.options)
+    expected = method.state_dict()
+    state, notes = {}, []
+    for key, value in loaded.method.state_dict().items():
+        if key.endswith("pos_embed") and value.dim() == 2 and key in expected and expected[key].shape != value.shape:
+            with_cls = torch.cat([value.new_zeros(1, value.shape[-1]), value]).unsqueeze(0)   # (1, 1 + L', D)
+            value = resized_table(with_cls, model.grid_size, key, [])[0, 1:].to(value.dtype)
+        state[key] = value
+    report = fit_report(method, state)
+    if any(report):
+        raise fit_error(str(loaded.checkpoint_path), loaded.config.method, report,
+                        f"fine-tune at its own --img-size {old.img_size}")
+    method.load_state_dict(state)
+    if "encoder.pos_embed" in state:
+        notes.append(f"encoder position table resized from a {old.grid_size[0]}×{old.grid_size[1]} to a "
+                     f"{model.grid_size[0]}×{model.grid_size[1]} grid by timm's resample_abs_pos_embed (bicubic, "
+                     f"antialiased)")
+    return dataclasses.replace(loaded, config=dataclasses.replace(loaded.config, model=model), method=method.eval()), notes
