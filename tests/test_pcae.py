@@ -233,6 +233,7 @@ def test_bad_token_drop(token_drop):
 def test_predictions_and_targets_line_up_position_by_position():
     torch.manual_seed(0)
     pcae = build_method("pcae", deep_tiny_model(depth=4), {"target": "pixels", "teacher_blocks": "1,3"})
+    pcae.eval()                                              # no drop path draws: the same forward twice is equal
     images = torch.randn(2, 1, 32, 32)
     output = pcae(images, rng=BatchRandom(seed=3))
     masking = pcae.mask(images, BatchRandom(seed=3))
@@ -257,6 +258,7 @@ def test_predictions_and_targets_line_up_position_by_position():
 def test_feature_target_is_one_minus_cosine_to_standardized_teacher_features():
     torch.manual_seed(0)
     pcae = build_method("pcae", deep_tiny_model(depth=2), {})
+    pcae.eval()                                                       # no drop path draws between the two forwards
     assert pcae.decoder.head.out_features == 16                      # the encoder width D, not p²C
     images = torch.randn(2, 1, 32, 32)
     output = pcae(images, rng=BatchRandom(seed=4))
@@ -321,6 +323,61 @@ def test_ema_momentum_of_every_step_is_the_released_one(method, options, start, 
         assert torch.allclose(model.teacher.cls_token, released * teacher_before + (1 - released) * student,
                               atol=1e-6)
     assert released < end and not torch.equal(model.teacher.cls_token, teacher_before)   # the last step moved it
+
+
+def drop_rates(blocks):
+    return [getattr(block.drop_path1, "drop_prob", 0.0) for block in blocks]
+
+
+def test_drop_path_defaults_are_the_released_recipe():
+    """PCAE's main_pretrain.py: --drop_path 0.25, linspace(0, 0.25, depth) over the student encoder's blocks and
+    0.25 in every decoder block; the teacher is built with none (here: always in eval mode)."""
+    pcae = build_method("pcae", deep_tiny_model(depth=5, decoder_depth=3), {})
+    assert drop_rates(pcae.encoder.blocks) == pytest.approx([0.0, 0.0625, 0.125, 0.1875, 0.25])
+    assert drop_rates(pcae.decoder.blocks) == pytest.approx([0.25, 0.25, 0.25])
+    assert all(block.drop_path2.drop_prob == pytest.approx(0.25) for block in pcae.decoder.blocks)
+    assert pcae.model_config.drop_path == 0.25 and pcae.model_config.decoder_drop_path == 0.25
+    pcae.train()
+    assert not pcae.teacher.training                                # its drop path modules never drop
+    # a rate the user gives wins, encoder and decoder apart; other methods default to none
+    chosen = build_method("pcae", deep_tiny_model(depth=5, drop_path=0.1, decoder_drop_path=0.0), {})
+    assert drop_rates(chosen.encoder.blocks)[-1] == pytest.approx(0.1) and drop_rates(chosen.decoder.blocks) == [0.0]
+    for method in ("mae", "prmim", "ddae"):
+        other = build_method(method, deep_tiny_model(depth=5), {})
+        assert set(drop_rates(other.encoder.blocks)) == {0.0} and set(drop_rates(other.decoder.blocks)) == {0.0}
+    # every method built on MaskedDecoder takes --decoder-drop-path
+    mae = build_method("mae", deep_tiny_model(decoder_drop_path=0.3), {})
+    assert drop_rates(mae.decoder.blocks) == pytest.approx([0.3] * len(mae.decoder.blocks))
+    # the run's config records the rates a method uses once it knows the method
+    for method, rates in (("pcae", (0.25, 0.25)), ("mae", (0.0, 0.0)), ("lomar", (0.0, 0.0))):
+        resolved = tiny_model().resolved(method=method)
+        assert (resolved.drop_path, resolved.decoder_drop_path) == rates
+    assert tiny_model(drop_path=0.0).resolved(method="pcae").drop_path == 0.0      # a 0 given is kept
+    with pytest.raises(ConfigError, match=r"decoder_drop_path must lie in \[0, 1\)"):
+        deep_tiny_model(decoder_drop_path=1.0)
+
+
+def test_decoder_drop_path_draws_are_deterministic_and_active_only_in_training():
+    """Drop path draws come from torch's global generator (the engine checkpoints its state): the same seed gives
+    the same loss; a different seed a different one; in eval mode the decoder drops nothing."""
+    pcae = build_method("pcae", deep_tiny_model(), {})
+    images = torch.randn(4, 1, 32, 32)
+
+    def loss(seed: int) -> float:
+        torch.manual_seed(seed)
+        return pcae(images, rng=BatchRandom(seed=0)).loss.item()
+
+    pcae.train()
+    assert loss(1) == loss(1) and loss(1) != loss(2)
+    pcae.eval()
+    assert loss(1) == loss(2)
+    decoder = pcae.decoder.train()
+    tokens = torch.randn(8, 5, decoder.decoder_dim)
+    torch.manual_seed(0)
+    first = decoder.blocks[0](tokens)
+    torch.manual_seed(0)
+    assert torch.equal(first, decoder.blocks[0](tokens))
+    assert not torch.equal(first, decoder.blocks[0].eval()(tokens))  # some samples' branches were dropped
 
 
 def test_teacher_gets_no_gradient_and_stays_in_eval_mode():

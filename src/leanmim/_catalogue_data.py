@@ -90,7 +90,8 @@ CATALOGUE = {'ddae': {'summary': 'MAE + distance-weighted loss + deep supervisio
            'options': [{'name': 'num_windows',
                         'type': 'int',
                         'default': 4,
-                        'help': 'windows sampled per image, each at its own random position (overlap allowed)',
+                        'help': 'windows sampled per image at random positions, no two sharing a top row or a left '
+                                'column while the grid has room (as released); overlap allowed',
                         'cli': None,
                         'choices': None},
                        {'name': 'window_size',

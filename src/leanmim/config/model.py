@@ -124,6 +124,15 @@ def _read_timm_vit(name: str) -> dict[str, Any] | str:
             **({"img_size": int(height)} if height == width else {})}  # non-square: the data's size or 224
 
 
+# Stochastic depth of a method's released pretraining recipe, (encoder, decoder), where it is not 0: PCAE's
+# main_pretrain.py defaults to --drop_path 0.25, rising linearly over the student encoder's blocks and the same
+# 0.25 in every decoder block (its teacher has none). MAE, LoMaR: 0. Used for --drop-path / --decoder-drop-path
+# left unset (None).
+RECIPE_DROP_PATH: dict[str, tuple[float, float]] = {"pcae": (0.25, 0.25)}
+DROP_PATH_DEFAULTS = ", ".join(f"{method} {encoder}" for method, (encoder, _) in RECIPE_DROP_PATH.items())
+DECODER_DROP_PATH_DEFAULTS = ", ".join(f"{method} {decoder}" for method, (_, decoder) in RECIPE_DROP_PATH.items())
+
+
 def default_decoder(embed_dim: int) -> dict[str, int]:
     """The decoder fitted to the encoder: MAE's 512 × 8 (16 heads) from width 512 up (ViT-B/L/H); narrower encoders
     get a decoder as wide as themselves with 4 blocks, heads of 32 channels — about 1/3 of the encoder's per-token
@@ -148,10 +157,25 @@ class ModelConfig:
     decoder_embed_dim: int | None = option(None, "decoder width (default: min(encoder width, 512); MAE: 512)")
     decoder_depth: int | None = option(None, "decoder blocks (default: 8 at width 512 as MAE, else 4)")
     decoder_num_heads: int | None = option(None, "decoder attention heads (default: width / 32, MAE's head size)")
-    drop_path: float = option(0.0, "stochastic depth rate of the encoder")
+    drop_path: float | None = option(None, "stochastic depth of the encoder, rising linearly over its blocks to this "
+                                           f"rate at the last (default: the method's released recipe: "
+                                           f"{DROP_PATH_DEFAULTS}, the others 0)")
+    decoder_drop_path: float | None = option(None, "stochastic depth of every decoder block, the same rate in each "
+                                                   f"(default: the method's released recipe: "
+                                                   f"{DECODER_DROP_PATH_DEFAULTS}, the others 0)")
 
-    def resolved(self, native_img_size: int | None = None, native_chans: int | None = None) -> "ModelConfig":
-        """Fill the ``None`` fields from the preset and the data, and validate the geometry."""
+    def with_method_defaults(self, method: str) -> "ModelConfig":
+        """This configuration with ``drop_path`` and ``decoder_drop_path`` left at None set to ``method``'s released
+        recipe (:data:`RECIPE_DROP_PATH`; 0 for a method without one). Values the user gave are kept."""
+        encoder, decoder = RECIPE_DROP_PATH.get(method, (0.0, 0.0))
+        return dataclasses.replace(
+            self, drop_path=encoder if self.drop_path is None else self.drop_path,
+            decoder_drop_path=decoder if self.decoder_drop_path is None else self.decoder_drop_path)
+
+    def resolved(self, native_img_size: int | None = None, native_chans: int | None = None,
+                 method: str | None = None) -> "ModelConfig":
+        """Fill the ``None`` fields from the preset and the data (and, given the ``method``, the drop path rates
+        from its recipe: :meth:`with_method_defaults`), and validate the geometry."""
         preset: dict[str, Any] = dict(MODEL_PRESETS.get(self.name) or model_from_timm_name(self.name))
         values = dataclasses.asdict(self)
         for key, default in preset.items():
@@ -167,6 +191,8 @@ class ModelConfig:
         values["in_chans"] = values["in_chans"] or native_chans or 3
         values.update({key: value for key, value in default_decoder(values["embed_dim"]).items() if values[key] is None})
         model = ModelConfig(**values)
+        if method is not None:
+            model = model.with_method_defaults(method)
         model.validate()
         if model.decoder_depth * model.decoder_embed_dim ** 2 > model.depth * model.embed_dim ** 2:
             warnings.warn(f"the decoder ({model.decoder_embed_dim} wide, {model.decoder_depth} blocks) costs more per "
@@ -193,8 +219,10 @@ class ModelConfig:
         if self.img_size // self.patch_size < 2:
             raise ConfigError(f"image size {self.img_size} with patch size {self.patch_size} gives a single patch, so "
                               f"nothing can be masked and reconstructed: use a patch size at most half the image size")
-        if not 0.0 <= self.drop_path < 1.0:
-            raise ConfigError(f"drop_path must lie in [0, 1), got {self.drop_path}")
+        for key in ("drop_path", "decoder_drop_path"):
+            value = getattr(self, key)
+            if value is not None and not 0.0 <= value < 1.0:
+                raise ConfigError(f"{key} must lie in [0, 1), got {value}")
         if not self.mlp_ratio > 0:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 

@@ -43,7 +43,7 @@ class MIMMethod(nn.Module):
 
     def __init__(self, model: ModelConfig, options: Any):
         super().__init__()
-        self.model_config = model
+        self.model_config = model.with_method_defaults(self.name)   # drop path left unset: the method's recipe
         self.options = options
 
     def forward(self, images: Tensor, progress: float = 0.0, rng: BatchRandom | None = None) -> MethodOutput:

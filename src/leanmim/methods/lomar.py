@@ -63,7 +63,7 @@ class LoMaROptions:
 
 def build_relpos_encoder(model: ModelConfig, relative_term: str = "added") -> RelPosViTEncoder:
     return RelPosViTEncoder(model.img_size, model.patch_size, model.in_chans, model.embed_dim, model.depth,
-                            model.num_heads, model.mlp_ratio, model.drop_path, relative_term)
+                            model.num_heads, model.mlp_ratio, model.drop_path or 0.0, relative_term)
 
 
 @register_method
@@ -74,6 +74,7 @@ class LoMaR(MIMMethod):
 
     def __init__(self, model: ModelConfig, options: LoMaROptions):
         super().__init__(model, options)
+        model = self.model_config
         if options.window_size > min(model.grid_size):
             raise ConfigError(f"window_size {options.window_size} does not fit the {model.grid_size[0]}×"
                               f"{model.grid_size[1]} patch grid (img_size {model.img_size} / patch {model.patch_size}): "

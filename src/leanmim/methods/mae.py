@@ -65,14 +65,15 @@ def parse_numbers(name: str, text: str, kind: type) -> list:
 
 
 def build_encoder(model: ModelConfig) -> ViTEncoder:
+    """The encoder, drop path rising to ``model.drop_path`` (a method's ``model_config`` has it filled in)."""
     return ViTEncoder(model.img_size, model.patch_size, model.in_chans, model.embed_dim, model.depth,
-                      model.num_heads, model.mlp_ratio, model.drop_path)
+                      model.num_heads, model.mlp_ratio, model.drop_path or 0.0)
 
 
 def build_decoder(model: ModelConfig, out_dim: int | None = None) -> MaskedDecoder:
-    """MAE's decoder; ``out_dim`` defaults to the pixel patch length p²·C."""
+    """MAE's decoder, ``model.decoder_drop_path`` in every block; ``out_dim`` defaults to the pixel patch length p²·C."""
     return MaskedDecoder(model.embed_dim, model.decoder_embed_dim, model.decoder_depth, model.decoder_num_heads,
-                         model.grid_size, out_dim or model.patch_dim, model.mlp_ratio)
+                         model.grid_size, out_dim or model.patch_dim, model.mlp_ratio, model.decoder_drop_path or 0.0)
 
 
 @register_method
@@ -83,6 +84,7 @@ class MAE(MIMMethod):
 
     def __init__(self, model: ModelConfig, options: MAEOptions):
         super().__init__(model, options)
+        model = self.model_config                      # drop path rates filled in from the method's recipe
         self.encoder = build_encoder(model)
         self.decoder = build_decoder(model)
         self.supervised_blocks: tuple[int, ...] = ()   # encoder blocks whose outputs are supervised (1-indexed)

@@ -69,6 +69,7 @@ class PCAE(MIMMethod):
 
     def __init__(self, model: ModelConfig, options: PCAEOptions):
         super().__init__(model, options)
+        model = self.model_config        # drop path 0.25 in the student encoder (rising) and every decoder block
         self.encoder = build_encoder(model)
         self.teacher = make_teacher(self.encoder)    # an exact copy at step 0, then EMA
         self.teacher.train(False)

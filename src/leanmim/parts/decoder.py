@@ -15,10 +15,14 @@ from .encoder import init_mae_weights, keep_legacy_pos_embed, make_blocks, sinco
 
 
 class MaskedDecoder(nn.Module):
-    """Linear D → D_d, mask tokens at the query positions, ``depth`` blocks, LayerNorm, Linear D_d → out_dim."""
+    """Linear D → D_d, mask tokens at the query positions, ``depth`` blocks, LayerNorm, Linear D_d → out_dim.
+
+    drop_path: stochastic depth of every block, the same rate in each (PCAE's released decoder: 0.25;
+    MAE's decoder has none, 0). Active in training mode only.
+    """
 
     def __init__(self, encoder_dim: int, decoder_dim: int, depth: int, num_heads: int,
-                 grid_size: tuple[int, int], out_dim: int, mlp_ratio: float = 4.0):
+                 grid_size: tuple[int, int], out_dim: int, mlp_ratio: float = 4.0, drop_path: float = 0.0):
         super().__init__()
         self.decoder_dim = decoder_dim
         self.embed = nn.Linear(encoder_dim, decoder_dim)
@@ -26,7 +30,7 @@ class MaskedDecoder(nn.Module):
         self.grid_size = tuple(grid_size)
         self.register_buffer("pos_embed", sincos_pos_embed(grid_size, decoder_dim))   # (L, D_d), fixed, stored
         self.register_load_state_dict_pre_hook(keep_legacy_pos_embed)
-        self.blocks = make_blocks(decoder_dim, depth, num_heads, mlp_ratio)
+        self.blocks = make_blocks(decoder_dim, depth, num_heads, mlp_ratio, drop_path, rising=False)
         self.norm = nn.LayerNorm(decoder_dim, eps=1e-6)
         self.head = nn.Linear(decoder_dim, out_dim)
         self.apply(init_mae_weights)

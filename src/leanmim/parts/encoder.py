@@ -113,9 +113,18 @@ def init_encoder_weights(encoder: nn.Module) -> None:
     nn.init.normal_(encoder.cls_token, std=0.02)
 
 
-def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0) -> nn.ModuleList:
-    """``depth`` timm ViT blocks (fused attention, LayerNorm eps 1e-6), drop path rising linearly."""
-    rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
+def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float, drop_path_rate: float = 0.0,
+                rising: bool = True) -> nn.ModuleList:
+    """``depth`` timm ViT blocks (fused attention, LayerNorm eps 1e-6).
+
+    Drop path (stochastic depth) rises linearly from 0 at the first block to ``drop_path_rate`` at the last
+    (``rising``, timm's and MAE's encoders), or is ``drop_path_rate`` in every block (``rising=False``, PCAE's
+    released decoder). Its draws come from torch's global generator, which checkpoints save and restore.
+    """
+    if not rising:
+        rates = [drop_path_rate] * depth
+    else:
+        rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist() if depth else []
     return nn.ModuleList(
         Block(dim, num_heads, mlp_ratio, qkv_bias=True, drop_path=rate,
               norm_layer=partial(nn.LayerNorm, eps=1e-6))
