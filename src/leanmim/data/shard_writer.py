@@ -93,6 +93,23 @@ def _stats(files: list[str]) -> dict[str, dict[str, list[float]]]:
     return stats
 
 
+def written_by_shard(out: Path) -> list[Path]:
+    """The shard files ``out``'s manifest lists (what an earlier ``leanmim shard`` wrote there, and nothing else);
+    refuses when there is no readable manifest: then nothing in ``out`` is known to be leanmim's to replace."""
+    try:
+        manifest = json.loads((out / MANIFEST).read_text())
+        names = [shard["name"] for entry in manifest["splits"].values() for shard in entry["shards"]]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise DataError(f"--out '{out}' is not empty and has no readable {MANIFEST} of an earlier leanmim shard: "
+                        "nothing there is known to be leanmim's to replace; choose an empty directory") from None
+    listed = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+            raise DataError(f"'{out / MANIFEST}' lists a shard '{name}' outside --out: replace it by hand")
+        listed.append(out / name)
+    return listed
+
+
 def write_shards(source: str, out: str | Path, shard_size: int = 10_000, overwrite: bool = False) -> dict[str, Any]:
     """Write shards of ``source`` ("fashion-mnist", an MNIST-format directory or an image folder) into ``out``;
     returns the manifest (also written to ``OUT/manifest.json``)."""
@@ -107,8 +124,8 @@ def write_shards(source: str, out: str | Path, shard_size: int = 10_000, overwri
     if out.is_dir() and any(entry.name != ".lock" for entry in out.iterdir()):  # .lock: the writer's own (cli)
         if not overwrite:
             raise DataError(f"--out '{out}' is not empty: choose another directory, or pass --overwrite to replace "
-                            "the shards and manifest written there")
-        for old in list(out.glob("*-[0-9][0-9][0-9][0-9][0-9][0-9].tar")) + [out / MANIFEST]:
+                            "the shards and manifest an earlier leanmim shard wrote there (nothing else is touched)")
+        for old in written_by_shard(out) + [out / MANIFEST]:
             old.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     manifest: dict[str, Any] = {"format": MANIFEST_FORMAT, "source": name, "shard_size": shard_size, "splits": {}}

@@ -24,7 +24,7 @@ from stat import S_ISREG
 from typing import Any, Iterable
 
 from ..config import ConfigError
-from ..files import CHECKPOINT_DIR, RUN_FILE, atomic_write_text, dumps_strict, remove_stale_temporaries
+from ..files import CHECKPOINT_DIR, RUN_FILE, atomic_write_text, dumps_strict, read_json_object, remove_stale_temporaries
 from .lock import LOCK_FILE
 
 # Fields that change how a run is executed or reported, not what it computes.
@@ -288,13 +288,14 @@ def _run_dir_above(directory: Path) -> Path:
 def write_summary(run_dir: Path, updates: dict[str, Any]) -> dict[str, Any]:
     """Merge ``updates`` into ``RUN_DIR/summary.json`` (written atomically)."""
     path = run_dir / "summary.json"
-    summary = json.loads(path.read_text()) if path.is_file() else {}
+    summary = read_json_object(path)
+    if not summary and path.is_file() and path.stat().st_size:  # damaged (a crash elsewhere, an edit): say so, go on
+        warnings.warn(f"'{path}' was not a JSON object (damaged?): it is rewritten with what this command knows")
     summary.update(updates)
     atomic_write_text(path, dumps_strict(summary))
     return summary
 
 
 def write_json(path: Path, values: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(values, indent=2))
-    tmp.replace(path)
+    """A leanmim record (finetune.json, …): strict JSON (NaN/inf as null), written atomically."""
+    atomic_write_text(path, dumps_strict(values))

@@ -58,6 +58,33 @@ def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         raise ConfigError(f"'{path}' is not a readable safetensors file ({str(err)[:100]})") from None
 
 
+def read_json_config(path: Path) -> dict[str, Any]:
+    """A model directory's JSON file (config.json, the safetensors index) as a dict, or a one-line error naming it."""
+    try:
+        value = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        value = None
+    except ValueError as err:
+        raise ConfigError(f"'{path}' is not valid JSON ({err}): restore the file the model came with") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"'{path}' is not a JSON object of settings: restore the file the model came with")
+    return value
+
+
+def stated_count(value: Any, key: str, source: str) -> int | None:
+    """A head count (or another whole number) a file states: None when absent, else a positive int or a refusal."""
+    if value is None:
+        return None
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        number = 0
+    if number < 1 or str(number) != str(value).strip():
+        raise ConfigError(f"'{source}' states {key}={value!r}, not a positive whole number: repair the file, or "
+                          f"re-export it; the head count can also be given with --num-heads")
+    return number
+
+
 def read_hf_directory(path: Path) -> dict[str, Tensor]:
     """model.safetensors, its sharded form (model.safetensors.index.json) or pytorch_model.bin."""
     if (path / "model.safetensors").is_file():
@@ -65,7 +92,10 @@ def read_hf_directory(path: Path) -> dict[str, Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
         state = {}
-        for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+        weight_map = read_json_config(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"'{index}' has no weight_map: restore the file the model came with")
+        for shard in sorted(set(map(str, weight_map.values()))):
             state.update(read_safetensors(path / shard)[0])
         return state
     if (path / "pytorch_model.bin").is_file():
@@ -81,12 +111,20 @@ def read_weights(path: str | Path) -> Weights:
                           f"transformers directory or a leanmim run")
     if source.is_dir():
         if (source / "config.json").is_file():
-            config = json.loads((source / "config.json").read_text())
+            config = read_json_config(source / "config.json")
             state = read_hf_directory(source)
             if "architecture" in config:          # a timm hub / local-dir folder
-                return canonical_weights(state, "timm", str(source), config.get("model_args", {}))
-            hf = {"num_heads": config.get("num_attention_heads"),
-                  "decoder_num_heads": config.get("decoder_num_attention_heads"),
+                model_args = config.get("model_args") or {}
+                if not isinstance(model_args, dict):
+                    raise ConfigError(f"'{source / 'config.json'}': model_args is not an object: restore the file")
+                if "num_heads" in model_args:
+                    model_args = {**model_args, "num_heads": stated_count(model_args["num_heads"], "model_args.num_heads",
+                                                                          str(source / "config.json"))}
+                return canonical_weights(state, "timm", str(source), model_args)
+            where = str(source / "config.json")
+            hf = {"num_heads": stated_count(config.get("num_attention_heads"), "num_attention_heads", where),
+                  "decoder_num_heads": stated_count(config.get("decoder_num_attention_heads"),
+                                                    "decoder_num_attention_heads", where),
                   "layer_norm_eps": config.get("layer_norm_eps"), "hidden_act": config.get("hidden_act"),
                   "qkv_bias": config.get("qkv_bias")}
             return canonical_weights(from_hf(state), "transformers", str(source), hf)
@@ -96,7 +134,8 @@ def read_weights(path: str | Path) -> Weights:
         if metadata.get("format", "").startswith("leanmim.RelPos"):
             raise ConfigError(f"'{source}' holds a relative-position (LoMaR) encoder: --init-from needs a ViT with "
                               f"absolute positions")
-        facts = {key: int(metadata[key]) for key in ("num_heads",) if key in metadata}
+        facts = {key: stated_count(metadata[key], f"metadata {key}", str(source))
+                 for key in ("num_heads",) if key in metadata}
         return canonical_weights(state, "leanmim export" if "format" in metadata else "timm", str(source), facts)
     loaded = torch_load(source)
     if isinstance(loaded, dict) and isinstance(loaded.get("leanmim"), dict):

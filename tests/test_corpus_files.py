@@ -1,0 +1,114 @@
+"""Issue 29 §4–§5, files a user's disk can hold: damaged records, JSON that is not JSON, a head count that is not a
+number, a shard directory with the user's own files in it. Each gets one line that names the file, or is repaired
+with a warning; nothing a user owns is deleted."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from leanmim.config import ConfigError
+from leanmim.data import DataError, write_shards
+from leanmim.train.run import write_summary
+from leanmim.weights import read_weights
+
+
+def one_line(argv: list[str], cwd: Path) -> str:
+    completed = subprocess.run([sys.executable, "-m", "leanmim", *argv], cwd=cwd, capture_output=True, text=True,
+                               timeout=120)
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("leanmim: error")]
+    assert completed.returncode == 2 and len(errors) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    return errors[0]
+
+
+def tiny_vit_state() -> dict[str, torch.Tensor]:
+    import timm
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, patch_size=8, num_classes=0)
+    return {key: value.contiguous() for key, value in model.state_dict().items()}
+
+
+def test_a_transformers_config_that_is_not_json_is_one_line(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"num_attention_heads": 3,')  # truncated
+    save_file({"x": torch.zeros(1)}, str(model / "model.safetensors"))
+    with pytest.raises(ConfigError, match=r"config.json' is not valid JSON"):
+        read_weights(model)
+    (model / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="not a JSON object"):
+        read_weights(model)
+    line = one_line(["pretrain", "--init-from", str(model), "--data", "fashion-mnist", "--patch-size", "4", "--out",
+                     str(tmp_path / "r")],
+                    tmp_path)
+    assert "config.json" in line
+
+
+@pytest.mark.parametrize("stated", ["abc", "0", "-3", "2.5"])
+def test_a_head_count_that_is_not_a_positive_whole_number_is_refused(tmp_path, stated):
+    weights = tmp_path / "w.safetensors"
+    save_file(tiny_vit_state(), str(weights), metadata={"num_heads": stated})
+    with pytest.raises(ConfigError, match=rf"num_heads={stated!r}, not a positive whole number"):
+        read_weights(weights)
+    model = tmp_path / "hf"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"num_attention_heads": stated, "hidden_size": 192}))
+    save_file({"x": torch.zeros(1)}, str(model / "model.safetensors"))
+    with pytest.raises(ConfigError, match="num_attention_heads"):
+        read_weights(model)
+
+
+def test_a_stated_head_count_is_read(tmp_path):
+    weights = tmp_path / "w.safetensors"
+    save_file(tiny_vit_state(), str(weights), metadata={"num_heads": "3"})
+    assert read_weights(weights).config["num_heads"] == 3
+
+
+def test_a_damaged_summary_is_rewritten_with_a_warning(tmp_path):
+    (tmp_path / "summary.json").write_text('{"probes": {"a": ')  # a crash elsewhere, or an editor
+    with pytest.warns(UserWarning, match="not a JSON object"):
+        summary = write_summary(tmp_path, {"probes": {"b": 1}})
+    assert summary == {"probes": {"b": 1}} == json.loads((tmp_path / "summary.json").read_text())
+    summary = write_summary(tmp_path, {"final_loss": float("nan")})  # strict JSON: NaN is written as null
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"probes": {"b": 1}, "final_loss": None}
+
+
+def make_folder(root: Path, count: int = 6) -> Path:
+    root.mkdir(parents=True)
+    for index in range(count):
+        Image.new("L", (12, 12), color=index * 30).save(root / f"{index}.png")
+    return root
+
+
+def test_shard_overwrite_replaces_only_what_its_manifest_lists(tmp_path):
+    images, out = make_folder(tmp_path / "images"), tmp_path / "shards"
+    write_shards(str(images), out, shard_size=2)
+    listed = sorted(p.name for p in out.glob("*.tar"))
+    assert len(listed) == 3
+    (out / "mine-000000.tar").write_bytes(b"the user's own archive")   # matches the shard name pattern
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match="not empty"):
+        write_shards(str(images), out, shard_size=3)
+    manifest = write_shards(str(images), out, shard_size=3, overwrite=True)
+    assert (out / "mine-000000.tar").read_bytes() == b"the user's own archive" and (out / "notes.txt").exists()
+    names = {shard["name"] for shard in manifest["splits"]["train"]["shards"]}
+    assert len(names) == 2 and sorted(p.name for p in out.glob("train-*.tar")) == sorted(names)
+
+
+def test_shard_overwrite_refuses_a_directory_it_did_not_write(tmp_path):
+    images, out = make_folder(tmp_path / "images"), tmp_path / "theirs"
+    out.mkdir()
+    (out / "train-000000.tar").write_bytes(b"someone else's")
+    with pytest.raises(DataError, match="no readable manifest.json"):
+        write_shards(str(images), out, shard_size=2, overwrite=True)
+    assert (out / "train-000000.tar").read_bytes() == b"someone else's"
+    (out / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [{"name": "../escape.tar"}]}}}))
+    with pytest.raises(DataError, match="outside --out"):
+        write_shards(str(images), out, shard_size=2, overwrite=True)
