@@ -1,6 +1,7 @@
 """Weights out: timm (file and local-dir folder with pretrained_cfg) and transformers directories, numerically equal."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +92,64 @@ def test_relative_position_encoder_has_no_hf_export(tmp_path):
     method = build_method("lomar", tiny_model(in_chans=3).resolved(), {"window_size": 3})
     with pytest.raises(ConfigError, match="no transformers counterpart"):
         export_hf(method, method.model_config, tmp_path / "hf")
+
+
+def test_hf_export_writes_a_preprocessor_that_reproduces_the_evaluation_view(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from PIL import Image
+
+    from leanmim.data import load_image
+    from leanmim.eval.predict import eval_view
+
+    method = trained_like()
+    mean, std = [0.2, 0.3, 0.4], [0.5, 0.6, 0.7]
+    out = export_hf(method, method.model_config, tmp_path / "hf", mean=mean, std=std, crop_pct=16 / 18)
+    config = json.loads((out / "preprocessor_config.json").read_text())
+    assert config["size"] == {"shortest_edge": 18} and config["crop_size"] == {"height": 16, "width": 16}
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    generator = torch.Generator().manual_seed(0)
+    views = {}
+    for width in (24, 30):   # 20 high: resized to 18 × 21 and 18 × 27, the centre 16 × 16 kept
+        picture = tmp_path / f"{width}.png"
+        Image.fromarray(torch.randint(0, 256, (20, width, 3), dtype=torch.uint8, generator=generator).numpy()).save(picture)
+        pixels = processor(images=Image.open(picture).convert("RGB"), return_tensors="pt")["pixel_values"]
+        views[width] = pixels, eval_view(load_image(str(picture), 3), 16, 16 / 18, mean, std)[None]
+    if int(transformers.__version__.split(".")[0]) < 5:   # 4.x resizes with PIL: a grey level apart here and there
+        assert all(torch.allclose(pixels, ours, atol=0.1) for pixels, ours in views.values())
+        return
+    pixels, ours = views[24]
+    assert pixels.shape == ours.shape == (1, 3, 16, 16) and torch.allclose(pixels, ours, atol=1e-5)
+    # 27 - 16 = 11 columns to drop: torchvision keeps columns 6.. (rounds 5.5 half to even), transformers 5.. (floors)
+    pixels, ours = views[30]
+    assert not torch.allclose(pixels, ours, atol=1e-2)
+    assert torch.allclose(pixels[..., 1:], ours[..., :-1], atol=1e-5)   # the documented one-column offset
+
+
+def test_hf_export_replaces_a_previous_export_whole_and_keeps_it_when_writing_fails(tmp_path, monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    method = trained_like()
+    holder = torch.nn.Module()
+    holder.encoder = method.encoder
+    out = tmp_path / "hf"
+    out.mkdir()
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"an older sharded export")
+    export_hf(holder, method.model_config, out)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]   # replaced whole
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]
+    before = (out / "model.safetensors").read_bytes()
+
+    def fail_half_way(self, directory, **kwargs):
+        Path(directory).mkdir()
+        (Path(directory) / "model.safetensors").write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(transformers.ViTModel, "save_pretrained", fail_half_way)
+    holder.encoder = trained_like(seed=1).encoder
+    with pytest.raises(OSError, match="No space"):
+        export_hf(holder, method.model_config, out)
+    assert (out / "model.safetensors").read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["hf"]
+    monkeypatch.undo()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="notes.txt"):   # not an export's file: never deleted
+        export_hf(holder, method.model_config, out)
+    assert (out / "notes.txt").read_text() == "mine"

@@ -112,6 +112,77 @@ def test_timm_export_of_a_finetuning_predicts_as_leanmim_with_timms_own_preproce
         assert probabilities.tolist() == pytest.approx([ours[name] for name in CLASSES], abs=0.03)
 
 
+@pytest.fixture(scope="module")
+def finetuned_cls(pretrained, tmp_path_factory):
+    out = tmp_path_factory.mktemp("use-cls") / "finetune-cls"
+    api.finetune(pretrained, out=str(out), pool="cls", epochs=3, val_fraction=0.25, **FAST)
+    return out
+
+
+@pytest.mark.parametrize("pool, architecture", [("mean", "BeitForImageClassification"),
+                                                ("cls", "ViTForImageClassification")])
+def test_hf_export_of_a_finetuning_predicts_as_leanmim_with_its_own_preprocessor(pool, architecture, request, folder,
+                                                                                tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from leanmim.data import load_image
+    from leanmim.eval.predict import eval_view
+    from leanmim.weights import load_finetuned
+
+    tuned = request.getfixturevalue("finetuned" if pool == "mean" else "finetuned_cls")
+    out = tmp_path / "hf"
+    assert main(["export", str(tuned), "--out", str(out), "--format", "hf"]) == 0
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir()] == ["hf"]                       # built beside, renamed: nothing left
+    assert oct((out / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    card = (out / "README.md").read_text()
+    assert "AutoModelForImageClassification" in card and "cat, dog" in card
+    model = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    assert type(model).__name__ == architecture
+    assert model.config.id2label == dict(enumerate(CLASSES)) and model.config.label2id == {"cat": 0, "dog": 1}
+    loaded = load_finetuned(tuned)
+    stats = json.loads((tuned / "finetune.json").read_text())["data_stats"]
+    assert processor.image_mean == pytest.approx(stats["mean"]) and processor.crop_size["height"] == 16
+    predictions = tmp_path / "leanmim.csv"
+    api.predict(tuned, str(folder / "test"), predictions)
+    rows = read_rows(predictions)[::3]
+    pixels = processor(images=[Image.open(row["image"]).convert("RGB") for row in rows], return_tensors="pt")
+    pixels = pixels["pixel_values"]
+    ours = torch.stack([eval_view(load_image(row["image"], 3), 16, loaded.results["eval_crop_pct"], stats["mean"],
+                                  stats["std"]) for row in rows])
+    # transformers 5 resizes with torchvision as leanmim does (4.x: with PIL, a grey level apart here and there)
+    assert torch.allclose(pixels, ours, atol=1e-5 if int(transformers.__version__.split(".")[0]) >= 5 else 0.1)
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+        assert torch.allclose(logits, loaded.classifier(pixels), atol=1e-5)     # the same classifier, fp32 rounding
+    for row, probabilities in zip(rows, logits.softmax(-1).tolist()):
+        recorded = {row["class_1"]: float(row["probability_1"]), row["class_2"]: float(row["probability_2"])}
+        assert [recorded[name] for name in CLASSES] == pytest.approx(probabilities, abs=1e-5)
+
+
+def test_hf_export_of_a_pretraining_carries_its_preprocessing_and_card(pretrained, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["export", str(pretrained), "--out", str(out), "--format", "hf"]) == 0
+    processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+    dataset = json.loads((pretrained / "summary.json").read_text())["dataset"]
+    assert processor.image_mean == pytest.approx(dataset["mean"]) and processor.image_std == pytest.approx(dataset["std"])
+    assert processor.size["shortest_edge"] == 18 and processor.crop_size == {"height": 16, "width": 16}  # folder view
+    assert "Pretrained encoder" in (out / "README.md").read_text()
+    timm_config = json.loads((tmp_path / "timm" / "config.json").read_text()) \
+        if main(["export", str(pretrained), "--out", str(tmp_path / "timm")]) == 0 else {}
+    assert timm_config["pretrained_cfg"]["crop_pct"] * 18 == pytest.approx(16)   # timm's view is the same one
+
+
+def test_hf_export_of_a_tokens_finetuning_is_refused_with_the_alternative(pretrained, tmp_path, capsys):
+    pytest.importorskip("transformers")
+    tuned = tmp_path / "tokens"
+    api.finetune(pretrained, out=str(tuned), pool="tokens", epochs=1, val_fraction=0.25, **FAST)
+    assert main(["export", str(tuned), "--out", str(tmp_path / "hf"), "--format", "hf"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert "no transformers counterpart" in error and "--format timm" in error and not (tmp_path / "hf").exists()
+
+
 def current_umask():
     umask = os.umask(0)
     os.umask(umask)

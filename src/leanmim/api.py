@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from .config import ConfigError, ModelConfig, RunConfig
-from .files import atomic_write_text, dumps_strict
+from .files import atomic_write_text, dumps_strict, read_json_object
 from .parts.encoder import pool_features
 from .train.precision import default_device
 from .train.run import check_output_directory, check_output_file
@@ -165,8 +165,8 @@ def probe(run: str | Path | None = None, data: str | None = None, baseline: str 
                         "global_step": loaded.global_step, **subset}
             key = probe_result_name(settings)
             atomic_write_text(run_dir / "probes" / f"{key}.json", dumps_strict(report))
-            summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-            write_summary(run_dir, {"probes": {**summary.get("probes", {}), key: report}})
+            probes = read_json_object(run_dir / "summary.json").get("probes")   # a damaged summary is rewritten
+            write_summary(run_dir, {"probes": {**(probes if isinstance(probes, dict) else {}), key: report}})
             report["saved_to"] = str(run_dir / "probes" / f"{key}.json")
     return report
 
@@ -218,9 +218,13 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
 
     ``timm`` (default): the encoder (a fine-tuning result: encoder, fc_norm and head) as a ``.safetensors`` file,
     or, when ``out`` does not end in ``.safetensors``, a timm ``local-dir`` folder (``model.safetensors`` +
-    ``config.json``); both carry timm's ``pretrained_cfg`` (input size, the training data's mean/std, pooling).
-    ``hf``: a transformers directory (``ViTMAEForPreTraining`` with the decoder, else ``ViTModel``)."""
+    ``config.json``); both carry timm's ``pretrained_cfg`` (input size, the evaluation crop, the training data's
+    mean/std, pooling; a fine-tuning's class names). ``hf``: a transformers directory — a pretraining as
+    ``ViTMAEForPreTraining`` (with the decoder) or ``ViTModel``; a fine-tuning as ``ViTForImageClassification``
+    (``--pool cls``) or ``BeitForImageClassification`` (``--pool mean``: BEiT's mean-pooling head is leanmim's),
+    with ``id2label``/``label2id`` — plus ``preprocessor_config.json`` and a model card, written atomically."""
     from .weights import export_encoder, export_finetuned, export_hf, read_finetune_entry, run_data_stats
+    from .weights.export import pretraining_crop_pct
 
     if format not in ("timm", "hf"):
         raise ConfigError(f"unknown export format '{format}': use timm or hf")
@@ -229,15 +233,15 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
     else:
         check_output_file(out, overwrite, suffixes=(".safetensors",))
     if read_finetune_entry(run) is not None:
-        if format == "hf":
-            raise ConfigError("--format hf writes pretrained encoders (transformers' ViTForImageClassification pools "
-                              "the cls token, leanmim's fine-tune the patch tokens): export the fine-tuning as timm")
-        return export_finetuned(run, out)   # a .safetensors file, or a timm local-dir folder with its labels
+        # timm: a .safetensors file, or a local-dir folder with its labels; hf: a transformers classifier directory
+        return export_finetuned(run, out, format=format)
     loaded = load_run(run)
-    if format == "hf":
-        return export_hf(loaded.method, loaded.config.model, out, loaded.config.options)
     mean, std = run_data_stats(loaded.checkpoint_path, loaded.config)
-    return export_encoder(loaded.method.encoder, loaded.config.model, out, mean, std)
+    crop_pct = pretraining_crop_pct(loaded.config)
+    if format == "hf":
+        return export_hf(loaded.method, loaded.config.model, out, loaded.config.options, mean=mean, std=std,
+                         crop_pct=crop_pct, checkpoint_path=loaded.checkpoint_path)
+    return export_encoder(loaded.method.encoder, loaded.config.model, out, mean, std, crop_pct=crop_pct)
 
 
 def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | None = None, batch_size: int = 64,

@@ -129,8 +129,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
                                                      "hf: a DIR for from_pretrained")
     export.add_argument("--format", default="timm", choices=("timm", "hf"),
                         help="timm VisionTransformer, or hf: transformers ViTMAEForPreTraining (with the decoder) / "
-                             "ViTModel [timm]")
-    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+                             "ViTModel, a fine-tuning ViTForImageClassification (cls) / BeitForImageClassification "
+                             "(mean) [timm]")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing --out file (hf: directory)")
     export.set_defaults(handler=command_export)
 
     cost = commands.add_parser("cost", help="count MACs per image and parameters")

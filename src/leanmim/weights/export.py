@@ -1,12 +1,17 @@
 """Writing weights out: a timm file or ``local-dir`` folder with its ``pretrained_cfg`` (pretrainings and
-fine-tunings, with labels and crop_pct), a transformers directory, and the relative-position (LoMaR) encoder's own
-layout. Every export is written atomically.
+fine-tunings, with labels and crop_pct), a transformers directory (pretrainings and fine-tunings, with labels, a
+``preprocessor_config.json`` and a model card), and the relative-position (LoMaR) encoder's own layout. Every
+export is written atomically (a transformers directory: built beside the target, then renamed into place).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import re
+import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +24,7 @@ from ..parts.decoder import MaskedDecoder
 from ..parts.encoder import ViTEncoder
 from ..parts.relpos import RelPosViTEncoder
 from .checkpoints import FinetunedRun, finetune_data_stats, load_finetuned
-from .layouts import canonical_to_hf, decoder_canonical, encoder_canonical
+from .layouts import canonical_to_hf, decoder_canonical, encoder_canonical, hf_to_canonical_name
 from .read import read_safetensors
 
 TIMM_FORMAT = "timm.VisionTransformer"
@@ -106,11 +111,14 @@ def write_timm(state: dict[str, Tensor], model: ModelConfig, out: str | Path, pr
     return out
 
 
-def export_encoder(encoder: ViTEncoder, model: ModelConfig, out: str | Path, mean=None, std=None) -> Path:
-    """Write a pretrained encoder for timm (see :func:`write_timm`); ``mean``/``std``: the training data's."""
+def export_encoder(encoder: ViTEncoder, model: ModelConfig, out: str | Path, mean=None, std=None,
+                   crop_pct: float = 1.0) -> Path:
+    """Write a pretrained encoder for timm (see :func:`write_timm`); ``mean``/``std``: the training data's,
+    ``crop_pct`` its evaluation view (:func:`pretraining_crop_pct`)."""
     if isinstance(encoder, RelPosViTEncoder):
         return export_relpos_encoder(encoder, out)
-    return write_timm(timm_state_dict(encoder), model, out, timm_pretrained_cfg(model, mean, std), finetuned=False)
+    return write_timm(timm_state_dict(encoder), model, out, timm_pretrained_cfg(model, mean, std, crop_pct=crop_pct),
+                      finetuned=False)
 
 
 def export_relpos_encoder(encoder: RelPosViTEncoder, out: str | Path) -> Path:
@@ -150,9 +158,67 @@ def hf_vit_config(model: ModelConfig) -> dict[str, Any]:
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
-def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: dict[str, Any] | None = None) -> Path:
+def hf_preprocessor_config(model: ModelConfig, mean, std, crop_pct: float) -> dict[str, Any]:
+    """``preprocessor_config.json`` that makes ``AutoImageProcessor`` reproduce leanmim's evaluation view: the
+    shorter side to round(img_size / crop_pct) (bicubic, antialiased), the centre img_size square, [0, 1], the data's
+    mean/std. A ``CLIPImageProcessor`` (the same keys in transformers 4.40+ and 5): ``ViTImageProcessor`` resizes
+    to a square, changing the aspect ratio, and cannot centre-crop."""
+    side = model.img_size
+    return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
+            "size": {"shortest_edge": round(side / crop_pct)}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "do_normalize": True, "image_mean": [float(v) for v in mean], "image_std": [float(v) for v in std],
+            "do_convert_rgb": model.in_chans == 3}
+
+
+# What save_pretrained, the preprocessor and the card write: an existing --out holding only these is replaced.
+HF_EXPORT_FILES = re.compile(r"^(config\.json|generation_config\.json|preprocessor_config\.json|README\.md|"
+                             r"model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json)$")
+
+
+def write_hf_directory(hf_model: nn.Module, out: str | Path, preprocessor: dict[str, Any] | None,
+                       card: str | None) -> Path:
+    """``save_pretrained`` + ``preprocessor_config.json`` + the card (``README.md``) into a hidden directory beside
+    ``out``, then renamed into place: a kill leaves ``out`` as it was. An existing ``out`` (the caller checked
+    ``--overwrite``) is replaced whole, so it may hold only what an export writes."""
+    out = Path(out)
+    if out.is_symlink():
+        raise ConfigError(f"--out '{out}' is a symbolic link: leanmim never writes through links; choose another name")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not HF_EXPORT_FILES.match(p.name))
+        if foreign:
+            raise ConfigError(f"--out '{out}' holds files a transformers export does not write ({', '.join(foreign[:3])}"
+                              f"): --overwrite replaces the whole directory, so move them or choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    building, previous = temporary_path(out), out.with_name(f".{out.name}.old-{os.getpid()}")
+    shutil.rmtree(building, ignore_errors=True)
+    try:
+        hf_model.save_pretrained(str(building))
+        if preprocessor is not None:
+            (building / "preprocessor_config.json").write_text(json.dumps(preprocessor, indent=2) + "\n")
+        if card is not None:
+            (building / "README.md").write_text(card)
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in building.iterdir():   # safetensors writes 0600: readable as the user's umask says
+            os.chmod(path, 0o666 & ~umask)
+        if out.exists():
+            os.replace(out, previous)
+        os.replace(building, out)
+    finally:
+        shutil.rmtree(building, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+    return out
+
+
+def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: dict[str, Any] | None = None,
+              mean=None, std=None, crop_pct: float = 1.0, checkpoint_path: Path | None = None) -> Path:
     """A transformers directory: ``ViTMAEForPreTraining`` when the method has an MAE pixel decoder, else ``ViTModel``
-    (the encoder, no pooler). Built with transformers itself and written by ``save_pretrained``."""
+    (the encoder, no pooler). Built with transformers itself and written by ``save_pretrained``; with the data's
+    ``mean``/``std`` also a ``preprocessor_config.json`` (:func:`hf_preprocessor_config`), with ``checkpoint_path``
+    a model card."""
+    from .modelcard import model_card
+
     encoder, decoder = method.encoder, getattr(method, "decoder", None)
     if not isinstance(encoder, ViTEncoder):
         raise ConfigError(f"the {type(encoder).__name__} encoder (relative positions) has no transformers counterpart: "
@@ -172,14 +238,79 @@ def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: d
     else:
         hf_model = transformers.ViTModel(transformers.ViTConfig(**hf_vit_config(model)), add_pooling_layer=False)
     hf_model.load_state_dict(canonical_to_hf(canonical, list(hf_model.state_dict())), strict=True)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    hf_model.save_pretrained(str(out))
-    return out
+    preprocessor = hf_preprocessor_config(model, mean, std, crop_pct) if mean is not None and std is not None else None
+    card = model_card(checkpoint_path, "transformers", classifier=False) if checkpoint_path is not None else None
+    return write_hf_directory(hf_model, out, preprocessor, card)
 
 
-def export_finetuned(path: str | Path, out: str | Path) -> Path:
-    """Export a fine-tuned classifier (a directory: its selected checkpoint, ``best.ckpt``).
+def hf_classifier(loaded: FinetunedRun):
+    """The fine-tuned classifier as transformers builds it, with leanmim's weights: ``cls`` pooling is
+    ``ViTForImageClassification`` (final norm, cls token, ``classifier``); ``mean`` pooling is
+    ``BeitForImageClassification`` with absolute positions, no relative bias, no layer scale and mean pooling (no
+    final norm, mean of the patch tokens, ``pooler.layernorm`` = fc_norm). BEiT's key projection has no bias: a
+    key bias adds q·b_k to every score of a query, which softmax ignores, so the outputs are equal. ``tokens``
+    pooling has no transformers class."""
+    transformers = require_transformers()
+    classifier, model = loaded.classifier, loaded.config.model
+    if not isinstance(classifier.encoder, ViTEncoder) or classifier.pool == "tokens":
+        kind = "a --pool tokens classifier (one linear head over all L·D patch features)" \
+            if classifier.pool == "tokens" else f"the {type(classifier.encoder).__name__} encoder (relative positions)"
+        raise ConfigError(f"{kind} has no transformers counterpart: export it with --format timm to a "
+                          f"FILE.safetensors (its metadata describes the layout)")
+    names = loaded.results["class_names"]
+    labels = dict(num_labels=len(names), id2label=dict(enumerate(names)),
+                  label2id={name: index for index, name in enumerate(names)})
+    settings = hf_vit_config(model)
+    if classifier.pool == "cls":
+        hf_model = transformers.ViTForImageClassification(transformers.ViTConfig(**settings, **labels))
+    else:
+        settings.pop("qkv_bias")
+        hf_model = transformers.BeitForImageClassification(transformers.BeitConfig(
+            **settings, **labels, use_absolute_position_embeddings=True, use_relative_position_bias=False,
+            use_shared_relative_position_bias=False, use_mask_token=False, layer_scale_init_value=0.0,
+            use_mean_pooling=True, drop_path_rate=0.0))
+    canonical = encoder_canonical(classifier.encoder)
+    for prefix, module in (("classifier", classifier.head), ("pooler.layernorm", classifier.fc_norm)):
+        canonical.update({f"{prefix}.{name}": tensor.detach().float().contiguous().clone()
+                          for name, tensor in module.state_dict().items()})
+    aliases = {re.sub(r"^beit\.", "vit.", key): key for key in hf_model.state_dict()}   # BEiT's names read as ViT's
+    placed = {re.sub(r"\.attn\.[qkv]\.", ".attn.qkv.", hf_to_canonical_name(key)) for key in aliases}
+    unplaced = sorted(set(canonical) - placed)
+    if unplaced:
+        raise ConfigError(f"the fine-tuned encoder has weights transformers' {type(hf_model).__name__} has no place "
+                          f"for ({', '.join(unplaced[:3])}): it cannot be exported exactly; use --format timm")
+    state = canonical_to_hf(canonical, list(aliases))
+    hf_model.load_state_dict({aliases[key]: value for key, value in state.items()}, strict=True)
+    return hf_model.eval()
+
+
+def export_finetuned_hf(loaded: FinetunedRun, out: str | Path) -> Path:
+    """A fine-tuning as a transformers directory (:func:`hf_classifier`) with ``id2label``/``label2id``, the
+    ``preprocessor_config.json`` of its evaluation view and data mean/std, and its model card."""
+    from .modelcard import model_card
+
+    hf_model = hf_classifier(loaded)
+    stats = finetune_data_stats(loaded.checkpoint_path)
+    if not stats:
+        raise ConfigError(f"'{loaded.checkpoint_path.parent.parent}/finetune.json' records no data mean/std: the "
+                          f"export could not carry the fine-tuning's preprocessing")
+    notes = []
+    if loaded.settings.eval_hflip:
+        notes.append("leanmim selected this fine-tuning with mirror averaging (the mean softmax of each image and of "
+                     "its mirror image); the model itself scores single images")
+    if loaded.classifier.token_drop > 0:
+        notes.append(f"leanmim evaluates it with token compression (--token-drop {loaded.classifier.token_drop}); "
+                     f"transformers runs the full token sequence, so its outputs differ from leanmim's")
+        warnings.warn(notes[-1])
+    preprocessor = hf_preprocessor_config(loaded.config.model, stats["mean"], stats["std"],
+                                          loaded.results["eval_crop_pct"])
+    return write_hf_directory(hf_model, out, preprocessor,
+                              model_card(loaded.checkpoint_path, "transformers", classifier=True, notes=notes))
+
+
+def export_finetuned(path: str | Path, out: str | Path, format: str = "timm") -> Path:
+    """Export a fine-tuned classifier (a directory: its selected checkpoint, ``best.ckpt``); ``format="hf"``: a
+    transformers directory (:func:`export_finetuned_hf`), else timm as follows.
 
     For a :class:`ViTEncoder`: timm ``VisionTransformer(global_pool=G, num_classes=K)`` safetensors with G
     'avg' (``--pool mean``: encoder keys without ``norm.*``, plus ``fc_norm.*``, ``head.*``) or 'token' (``cls``:
@@ -192,6 +323,8 @@ def export_finetuned(path: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     loaded = load_finetuned(path)
+    if format == "hf":
+        return export_finetuned_hf(loaded, out)
     classifier = loaded.classifier
     encoder = classifier.encoder
     if isinstance(encoder, ViTEncoder):

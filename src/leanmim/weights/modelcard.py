@@ -14,8 +14,9 @@ def _percent(value: Any) -> str:
     return f"{100 * value:.2f} %" if isinstance(value, (int, float)) else "not measured"
 
 
-def model_card(checkpoint_path: Path, library: str, classifier: bool) -> str:
-    """The card's Markdown for the run (or fine-tuning) whose checkpoint is ``checkpoint_path``."""
+def model_card(checkpoint_path: Path, library: str, classifier: bool, notes: list[str] | None = None) -> str:
+    """The card's Markdown for the run (or fine-tuning) whose checkpoint is ``checkpoint_path``; ``notes``: where
+    the exported model differs from what leanmim evaluated."""
     directory = Path(checkpoint_path).parent.parent
     results = read_json_object(directory / "finetune.json") if classifier else {}
     pretraining = Path(results["source"]).parent.parent if results.get("source") else directory
@@ -47,16 +48,22 @@ def model_card(checkpoint_path: Path, library: str, classifier: bool) -> str:
         if classifier:
             lines.append("labels = model.pretrained_cfg['label_names']")
     else:
-        lines += ["from transformers import AutoImageProcessor, AutoModel",
+        auto = "AutoModelForImageClassification" if classifier else "AutoModel"
+        lines += ["from PIL import Image", f"from transformers import AutoImageProcessor, {auto}",
                   "processor = AutoImageProcessor.from_pretrained('THIS_FOLDER')",
-                  "model = AutoModel.from_pretrained('THIS_FOLDER').eval()",
-                  "output = model(**processor(images=image, return_tensors='pt'))"]
+                  f"model = {auto}.from_pretrained('THIS_FOLDER').eval()",
+                  "output = model(**processor(images=Image.open('image.jpg').convert('RGB'), return_tensors='pt'))"]
+        if classifier:
+            lines.append("label = model.config.id2label[output.logits.argmax(-1).item()]")
     lines += ["```", "", "Preprocessing (resize, crop, mean, std) is the one leanmim evaluates with; it travels in "
-              + ("config.json's pretrained_cfg." if library == "timm" else "preprocessor_config.json."), ""]
+              + ("config.json's pretrained_cfg." if library == "timm" else
+                 "preprocessor_config.json (a CLIPImageProcessor: shorter side resized, centre crop)."), ""]
+    lines += [f"Note: {note}." for note in notes or []] + ([""] if notes else [])
     return "\n".join(lines)
 
 
-def write_model_card(out: Path, checkpoint_path: Path, library: str, classifier: bool) -> Path:
+def write_model_card(out: Path, checkpoint_path: Path, library: str, classifier: bool,
+                     notes: list[str] | None = None) -> Path:
     path = Path(out) / "README.md"
-    atomic_write_text(path, model_card(checkpoint_path, library, classifier))
+    atomic_write_text(path, model_card(checkpoint_path, library, classifier, notes))
     return path
