@@ -12,7 +12,10 @@ One batch, top to bottom:
     prediction  = decoder(encoded, visible ids, retained ids)           (B, R, D) or (B, R, p²C)
     loss        = 1 − cos(prediction, standardized teacher features)    (target 'features', default)
                   or MSE(prediction, normalized pixels at retained ids) (target 'pixels')
-    after each optimizer step: teacher ← m·teacher + (1−m)·student, m cosine from 0.9999 to 1
+    after optimizer step k of K: teacher ← m_k·teacher + (1−m_k)·student, m_k cosine from 0.9999 (k = 0) towards 1
+
+Defaults are the released recipe's, drop path included: 0.25 rising over the student encoder's blocks and 0.25 in
+every decoder block (``--drop-path``, ``--decoder-drop-path``; ``config.model.RECIPE_DROP_PATH``).
 """
 
 from __future__ import annotations
