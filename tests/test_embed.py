@@ -19,7 +19,8 @@ from leanmim.eval.embed import read_embeddings
 from leanmim.train.pretrain import pretrain
 from leanmim.weights import load_finetuned, load_run
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:skipping unreadable image"),
+pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.filterwarnings("ignore:embed skipped"),
+              pytest.mark.filterwarnings("ignore:skipping unreadable image"),
               pytest.mark.filterwarnings("ignore:predict skipped")]
 
 
@@ -64,8 +65,9 @@ def by_hand(path, mean, std, resized=18, size=16):
 
 def test_embed_has_one_row_per_readable_image_with_the_encoders_pooled_features(pretrained, images, tmp_path):
     out = tmp_path / "features.safetensors"
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
+    with pytest.warns(UserWarning, match="embed skipped 2 unreadable image") as caught:
         result = api.embed(pretrained, str(images), out)
+    assert len(caught) == 1   # one warning, not one per file
     features, paths, metadata = read_embeddings(out)
     expected = sorted(str(p.relative_to(images)) for p in images.rglob("*.png") if p.name != "broken.png")
     assert sorted(paths) == expected and len(paths) == 12 and result["rows"] == 12

@@ -221,9 +221,13 @@ def command_predict(args) -> int:
 
 
 def command_embed(args) -> int:
+    import warnings
+
     from .. import api
-    result = api.embed(args.source, args.data, args.out, pool=args.pool, batch_size=args.batch_size,
-                       overwrite=args.overwrite)
+    with warnings.catch_warnings():   # the skipped images are printed below, once
+        warnings.filterwarnings("ignore", message="embed skipped")
+        result = api.embed(args.source, args.data, args.out, pool=args.pool, batch_size=args.batch_size,
+                           overwrite=args.overwrite)
     if args.json:
         print(json.dumps(result))
         return 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -77,8 +78,8 @@ def relative_paths(files: list[str], data: str | Path) -> list[str]:
 def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", batch_size: int = 64,
           overwrite: bool = False) -> dict[str, Any]:
     """Write ``out`` (safetensors, atomically): the pooled features (N, F) of the N readable images below ``data``,
-    with their paths; unreadable images are skipped and counted. Returns a summary (rows, feature_dim, skipped,
-    skipped_examples, the file's path)."""
+    with their paths; unreadable images are skipped and counted (one warning names the first few). Returns a
+    summary (rows, feature_dim, skipped, skipped_examples, the file's path)."""
     from ..train.precision import default_device
     from ..train.run import check_output_file
     from ..weights.export import write_safetensors
@@ -104,7 +105,7 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
     rows: list[Tensor] = []
     names: list[str] = []
     skipped: list[str] = []
-    for batch_files, images, bad in read_batches(files, model.in_chans, batch_size, view):
+    for batch_files, images, bad in read_batches(files, model.in_chans, batch_size, view, warn=False):
         skipped += bad
         if batch_files:
             rows.append(features(images.to(device)).float().cpu())
@@ -119,6 +120,9 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
                 "mean": [float(v) for v in found["mean"]], "std": [float(v) for v in found["std"]],
                 "global_step": found["global_step"], "skipped": len(skipped)}
     write_safetensors({"features": matrix}, Path(out), metadata)
+    if skipped:
+        warnings.warn(f"embed skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''}", stacklevel=2)
     return {"out": str(out), "rows": matrix.shape[0], "feature_dim": matrix.shape[1], "pool": pool,
             "skipped": len(skipped), "skipped_examples": skipped[:20], "kind": found["kind"],
             "checkpoint": str(found["checkpoint"]), "crop_pct": found["crop_pct"]}

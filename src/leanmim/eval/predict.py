@@ -52,8 +52,10 @@ def image_files(data: str | Path) -> list[str]:
     return list_images(str(path))
 
 
-def read_batches(files: list[str], channels: int, batch_size: int, view) -> Iterator[tuple[list[str], Tensor, list[str]]]:
-    """(names, views (B, C, S, S), skipped names) per batch of ``batch_size`` files; unreadable files skipped."""
+def read_batches(files: list[str], channels: int, batch_size: int, view,
+                 warn: bool = True) -> Iterator[tuple[list[str], Tensor, list[str]]]:
+    """(names, views (B, C, S, S), skipped names) per batch of ``batch_size`` files; unreadable files skipped (with
+    ``warn``, one warning each naming the reason)."""
     from ..data.common import load_image, one_line, warn_skip
 
     for start in range(0, len(files), batch_size):
@@ -63,7 +65,8 @@ def read_batches(files: list[str], channels: int, batch_size: int, view) -> Iter
                 views.append(view(load_image(name, channels)))
                 names.append(name)
             except Exception as err:  # noqa: BLE001 - any decoder error: skip the file, count it
-                warn_skip(name, one_line(err))
+                if warn:
+                    warn_skip(name, one_line(err))
                 skipped.append(name)
         yield names, torch.stack(views) if views else torch.empty(0), skipped
 

@@ -192,6 +192,10 @@ def write_hf_directory(hf_model: nn.Module, out: str | Path, preprocessor: dict[
     out.parent.mkdir(parents=True, exist_ok=True)
     building, previous = temporary_path(out), out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()   # "Writing model shards" is no news on a command line
     try:
         hf_model.save_pretrained(str(building))
         if preprocessor is not None:
@@ -206,6 +210,8 @@ def write_hf_directory(hf_model: nn.Module, out: str | Path, preprocessor: dict[
             os.replace(out, previous)
         os.replace(building, out)
     finally:
+        if bars:
+            hf_logging.enable_progress_bar()
         shutil.rmtree(building, ignore_errors=True)
         shutil.rmtree(previous, ignore_errors=True)
     return out
