@@ -250,6 +250,12 @@ def test_loss_equals_per_image_per_window_reference():
     assert output.loss.item() == pytest.approx((total / count).item(), rel=1e-5)
 
 
+def test_decoder_drop_path_is_refused_without_a_decoder():
+    with pytest.raises(ConfigError, match="lomar has no decoder"):
+        build_method("lomar", tiny_model(img_size=28, decoder_drop_path=0.1).resolved(), {})
+    build_method("lomar", tiny_model(img_size=28, decoder_drop_path=0.0).resolved(), {})
+
+
 def test_window_must_fit_the_grid():
     build_method("lomar", tiny_model(img_size=28).resolved(), {})             # 7×7 grid: a 7×7 window fits
     with pytest.raises(ConfigError, match="does not fit"):

@@ -75,6 +75,9 @@ class LoMaR(MIMMethod):
     def __init__(self, model: ModelConfig, options: LoMaROptions):
         super().__init__(model, options)
         model = self.model_config
+        if model.decoder_drop_path:
+            raise ConfigError(f"--decoder-drop-path {model.decoder_drop_path}: lomar has no decoder (a linear head "
+                              f"on the encoder); use --drop-path for the encoder's stochastic depth")
         if options.window_size > min(model.grid_size):
             raise ConfigError(f"window_size {options.window_size} does not fit the {model.grid_size[0]}×"
                               f"{model.grid_size[1]} patch grid (img_size {model.img_size} / patch {model.patch_size}): "
