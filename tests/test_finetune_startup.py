@@ -99,6 +99,9 @@ def test_num_heads_gives_the_files_function_and_one_load_line(six_head_timm_file
     assert (wrong - theirs).abs().max() > 1e-2          # the same tensors read with the wrong head count
     with pytest.raises(ConfigError, match=r"--num-heads 5 does not divide the 32-d width of '.*vit4.pth'"):
         run_from_weights(path, str(tiny_data), num_heads=5)
+    with pytest.warns(UserWarning, match=r"encoder position table resized from a 4×4 to a 6×6 grid by timm's "):
+        larger = run_from_weights(path, str(tiny_data), num_heads=4, img_size=24)   # a timm file: timm's rule
+    assert larger.config.model.img_size == 24 and larger.method.encoder.pos_embed.shape == (36, 32)
 
 
 def test_finetune_init_from_takes_num_heads(six_head_timm_file, tiny_data, tmp_path, capsys):
