@@ -23,13 +23,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from ..config import ConfigError
+from ..config import ConfigError, RunConfig
 from ..parts.encoder import pool_features
 from .predict import eval_view, image_files, read_batches
 
@@ -39,32 +40,42 @@ EMBED_FORMAT = "leanmim.embeddings"
 MAX_PATHS_BYTES = 90_000_000
 
 
-def feature_source(source: str | Path, pool: str) -> dict[str, Any]:
-    """What embedding ``source`` (a pretraining run or a fine-tuning, directory or checkpoint) needs: ``features``
-    (images (B, C, S, S) -> (B, F)), ``model``, ``crop_pct``, ``mean``, ``std``, and a description of both."""
+@dataclass
+class FeatureSource:
+    """A run's encoder ready to embed: ``features`` maps normalised views (B, C, S, S) to pooled features (B, F);
+    the view is ``config.model.img_size`` after resizing to round(img_size / crop_pct), normalised by mean/std."""
+    kind: str                           # "pretrain" or "finetune"
+    module: nn.Module                   # what ``features`` runs (moved to the device)
+    features: Callable[[Tensor], Tensor]
+    config: RunConfig                   # the pretraining's (resolved)
+    crop_pct: float
+    mean: list[float] | None            # None: an older run that recorded no data statistics
+    std: list[float] | None
+    checkpoint: Path
+    global_step: int
+
+
+def feature_source(source: str | Path, pool: str) -> FeatureSource:
+    """Load ``source`` (a pretraining run or a fine-tuning, directory or checkpoint) for embedding with ``pool``."""
     from ..weights import finetune_data_stats, load_finetuned, load_run, read_finetune_entry, run_data_stats
     from ..weights.export import pretraining_crop_pct
 
     if read_finetune_entry(source) is not None:
-        loaded = load_finetuned(source)
-        classifier = loaded.classifier
-        stats = finetune_data_stats(loaded.checkpoint_path)
-        mean, std = stats.get("mean"), stats.get("std")
-        if pool == classifier.pool:   # what the head reads
+        tuned = load_finetuned(source)
+        classifier = tuned.classifier
+        stats = finetune_data_stats(tuned.checkpoint_path)
+        if pool == classifier.pool:   # what the head reads: fc_norm and token drop included
             features = classifier.forward_features
         else:
             features = lambda images: pool_features(classifier.encoder.forward_features(images), pool)  # noqa: E731
-        return dict(kind="finetune", module=classifier, features=features, config=loaded.config,
-                    crop_pct=loaded.results["eval_crop_pct"], mean=mean, std=std, checkpoint=loaded.checkpoint_path,
-                    global_step=loaded.results["global_step"])
-    loaded = load_run(source)
-    loaded.warn_if_unfinished("embed")
-    mean, std = run_data_stats(loaded.checkpoint_path, loaded.config)   # None, None (warned) when unrecorded
-    encoder = loaded.method.encoder
-    return dict(kind="pretrain", module=encoder, config=loaded.config, crop_pct=pretraining_crop_pct(loaded.config),
-                features=lambda images: pool_features(encoder.forward_features(images), pool),
-                mean=mean, std=std, checkpoint=loaded.checkpoint_path,
-                global_step=loaded.global_step)
+        return FeatureSource("finetune", classifier, features, tuned.config, tuned.results["eval_crop_pct"],
+                             stats.get("mean"), stats.get("std"), tuned.checkpoint_path, tuned.results["global_step"])
+    run = load_run(source)
+    run.warn_if_unfinished("embed")
+    mean, std = run_data_stats(run.checkpoint_path, run.config)   # None, None (warned) when unrecorded
+    encoder = run.method.encoder
+    return FeatureSource("pretrain", encoder, lambda images: pool_features(encoder.forward_features(images), pool),
+                         run.config, pretraining_crop_pct(run.config), mean, std, run.checkpoint_path, run.global_step)
 
 
 def relative_paths(files: list[str], data: str | Path) -> list[str]:
@@ -94,38 +105,37 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
         raise ConfigError(f"the {len(files)} image paths under '{data}' are too many for one file's metadata "
                           f"(safetensors headers stay under 100 MB): embed its subfolders one by one")
     found = feature_source(source, pool)
-    model = found["config"].model
-    if not (found["mean"] and found["std"]):
-        raise ConfigError(f"'{found['checkpoint']}' has no recorded data mean/std (an older run): embed cannot "
+    model = found.config.model
+    if not (found.mean and found.std):
+        raise ConfigError(f"'{found.checkpoint}' has no recorded data mean/std (an older run): embed cannot "
                           f"reproduce its normalisation")
     device = default_device()
-    found["module"].to(device)
-    features: Callable[[Tensor], Tensor] = found["features"]
-    view = lambda image: eval_view(image, model.img_size, found["crop_pct"], found["mean"], found["std"])  # noqa: E731
-    rows: list[Tensor] = []
+    found.module.to(device)
+    view = lambda image: eval_view(image, model.img_size, found.crop_pct, found.mean, found.std)  # noqa: E731
+    rows: list[Tensor] = []      # (B, F) per batch, on the CPU
     names: list[str] = []
     skipped: list[str] = []
     for batch_files, images, bad in read_batches(files, model.in_chans, batch_size, view, warn=False):
         skipped += bad
         if batch_files:
-            rows.append(features(images.to(device)).float().cpu())
+            rows.append(found.features(images.to(device)).float().cpu())
             names += batch_files
     if not names:
         raise ConfigError(f"none of the {len(files)} images under '{data}' could be read (all skipped)")
-    matrix = torch.cat(rows)
+    matrix = torch.cat(rows)     # (N, F)
     metadata = {"format": EMBED_FORMAT, "paths": relative_paths(names, data),
                 "root": str(Path(data).expanduser().resolve()), "pool": pool, "source": str(source),
-                "checkpoint": str(found["checkpoint"]), "kind": found["kind"], "method": found["config"].method,
-                "model": model.name, "img_size": model.img_size, "crop_pct": found["crop_pct"],
-                "mean": [float(v) for v in found["mean"]], "std": [float(v) for v in found["std"]],
-                "global_step": found["global_step"], "skipped": len(skipped)}
+                "checkpoint": str(found.checkpoint), "kind": found.kind, "method": found.config.method,
+                "model": model.name, "img_size": model.img_size, "crop_pct": found.crop_pct,
+                "mean": [float(v) for v in found.mean], "std": [float(v) for v in found.std],
+                "global_step": found.global_step, "skipped": len(skipped)}
     write_safetensors({"features": matrix}, Path(out), metadata)
     if skipped:
         warnings.warn(f"embed skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:3])}"
                       f"{', ...' if len(skipped) > 3 else ''}", stacklevel=2)
     return {"out": str(out), "rows": matrix.shape[0], "feature_dim": matrix.shape[1], "pool": pool,
-            "skipped": len(skipped), "skipped_examples": skipped[:20], "kind": found["kind"],
-            "checkpoint": str(found["checkpoint"]), "crop_pct": found["crop_pct"]}
+            "skipped": len(skipped), "skipped_examples": skipped[:20], "kind": found.kind,
+            "checkpoint": str(found.checkpoint), "crop_pct": found.crop_pct}
 
 
 def read_embeddings(path: str | Path) -> tuple[Tensor, list[str], dict[str, Any]]:

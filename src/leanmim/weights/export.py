@@ -184,11 +184,14 @@ def write_hf_directory(hf_model: nn.Module, out: str | Path, preprocessor: dict[
     out = Path(out)
     if out.is_symlink():
         raise ConfigError(f"--out '{out}' is a symbolic link: leanmim never writes through links; choose another name")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file: a transformers export is a directory")
     if out.is_dir():
         foreign = sorted(p.name for p in out.iterdir() if not HF_EXPORT_FILES.match(p.name))
         if foreign:
-            raise ConfigError(f"--out '{out}' holds files a transformers export does not write ({', '.join(foreign[:3])}"
-                              f"): --overwrite replaces the whole directory, so move them or choose another directory")
+            raise ConfigError(f"--out '{out}' holds files a transformers export does not write "
+                              f"({', '.join(foreign[:3])}): --overwrite replaces the whole directory, so move them "
+                              f"or choose another directory")
     out.parent.mkdir(parents=True, exist_ok=True)
     building, previous = temporary_path(out), out.with_name(f".{out.name}.old-{os.getpid()}")
     shutil.rmtree(building, ignore_errors=True)
