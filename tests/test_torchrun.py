@@ -65,3 +65,41 @@ def test_readme_torchrun_command_trains_checkpoints_and_resumes(tmp_path, source
     resumed = torchrun_pretrain(data, out, "--max-steps", "4", "--extend", *extra)
     assert resumed["global_step"] == 4 and resumed["resumed_from"].endswith("last.ckpt")
     assert resumed["final_loss"] is not None and np.isfinite(resumed["final_loss"])
+
+
+def test_a_killed_peer_ends_the_other_process_in_one_line(tmp_path):
+    """kill -9 of rank 1 mid-run: rank 0's collective fails in gloo; it says so in one line (not "unexpected")."""
+    import signal
+    import time
+
+    data = make_tiny_idx_dataset(tmp_path / "idx", num_train=1024)
+    out, port = tmp_path / "run", str(free_port())
+    command = [TORCHRUN, "--nproc-per-node", "2", "-m", "leanmim", "pretrain", "--devices", "2", "--strategy", "ddp",
+               "--data", str(data), "--out", str(out), *TINY, "--epochs", "100"]
+    launcher = subprocess.Popen(command, env={**os.environ, "OMP_NUM_THREADS": "1", "PET_MASTER_PORT": port},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not (out / "logs" / "metrics.csv").exists() \
+                and not (out / "summary.json").exists():
+            time.sleep(0.3)
+        time.sleep(2)   # training: both ranks inside collectives every step
+        rank1 = [int(pid) for pid in os.listdir("/proc") if pid.isdigit() and _environment_has(
+            int(pid), b"LOCAL_RANK=1", b"PET_MASTER_PORT=" + port.encode())]
+        assert rank1, "rank 1 not found"
+        os.kill(rank1[0], signal.SIGKILL)
+        output, _ = launcher.communicate(timeout=240)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    ours = [line for line in output.splitlines() if line.startswith("leanmim: error")]
+    assert len(ours) == 1 and "another process of this multi-process run stopped" in ours[0], output[-3000:]
+    assert "unexpected" not in ours[0]
+
+
+def _environment_has(pid: int, *entries: bytes) -> bool:
+    try:
+        environment = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return all(entry in environment for entry in entries)
