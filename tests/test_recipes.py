@@ -48,3 +48,14 @@ def test_pcae_drop_path_changes_training(tiny_data, tmp_path, single_thread):
     state = lambda run: torch.load(run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]  # noqa: E731
     a, b = state(tmp_path / "default"), state(tmp_path / "without")
     assert not torch.equal(a["method.decoder.head.weight"], b["method.decoder.head.weight"])
+
+
+def test_ema_update_after_step_k_gets_progress_k_over_k(tiny_data, tmp_path, single_thread, monkeypatch):
+    """The training module hands the method the progress of the step just taken (k/K, what its forward saw), so the
+    teacher's momentum follows the released cosine schedule indexed from step 0."""
+    from leanmim.methods.pcae import PCAE
+
+    seen, original = [], PCAE.after_optimizer_step
+    monkeypatch.setattr(PCAE, "after_optimizer_step", lambda self, p: (seen.append(p), original(self, p))[1])
+    pretrain(tiny_run_config(tiny_data, tmp_path / "run", method="pcae", epochs=2))
+    assert seen == [k / 8 for k in range(8)]

@@ -39,7 +39,7 @@ OPERATIONAL_FIELDS = frozenset({
 })
 # Identity fields added after runs were first recorded, with the value every older run had in effect: a stored
 # identity without one of them compares as this value, so older run directories still resume.
-ADDED_FIELDS = {"eval_hflip": False}
+ADDED_FIELDS = {"eval_hflip": False, "model.decoder_drop_path": 0.0}
 # Fields ``--extend`` may change (a longer schedule).
 EXTENDABLE_FIELDS = frozenset({"train.epochs", "train.max_steps", "epochs", "max_steps"})
 
