@@ -6,8 +6,7 @@ FutureWarning that says where it moved. Import from the new place.
 
 from __future__ import annotations
 
-import importlib
-import warnings
+from ._moved import moved_names
 
 MOVED = {
     "AtomicCheckpointIO": "leanmim.train.trainer",
@@ -37,14 +36,4 @@ MOVED = {
     "write_summary": "leanmim.train.run",
 }
 
-
-def __getattr__(name: str):
-    if name not in MOVED:
-        raise AttributeError(f"module 'leanmim.engine' has no attribute {name!r}")
-    home = MOVED[name]
-    warnings.warn(f"leanmim.engine.{name} moved to {home}.{name}; import it from there", FutureWarning, stacklevel=2)
-    return getattr(importlib.import_module(home), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(MOVED)
+__getattr__, __dir__ = moved_names(__name__, MOVED)

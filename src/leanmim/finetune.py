@@ -6,8 +6,7 @@ FutureWarning that says where it moved. Import from the new place.
 
 from __future__ import annotations
 
-import importlib
-import warnings
+from ._moved import moved_names
 
 MOVED = {
     "BEST_CHECKPOINT": "leanmim.files",
@@ -45,14 +44,4 @@ MOVED = {
     "write_json": "leanmim.train.run",
 }
 
-
-def __getattr__(name: str):
-    if name not in MOVED:
-        raise AttributeError(f"module 'leanmim.finetune' has no attribute {name!r}")
-    home = MOVED[name]
-    warnings.warn(f"leanmim.finetune.{name} moved to {home}.{name}; import it from there", FutureWarning, stacklevel=2)
-    return getattr(importlib.import_module(home), name)
-
-
-def __dir__() -> list[str]:
-    return sorted(MOVED)
+__getattr__, __dir__ = moved_names(__name__, MOVED)
