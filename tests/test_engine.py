@@ -1,7 +1,9 @@
 """The training engine end to end on a tiny model: learning, resumption, NaN guard, DDP, checkpoints."""
 
 import csv
+import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ from leanmim.config import ConfigError
 from leanmim.data.sampler import GlobalBatchSampler
 from leanmim.train.optim import warmup_cosine
 from leanmim.train.pretrain import pretrain
-from leanmim.train.trainer import NonFiniteLossError
+from leanmim.train.trainer import NonFiniteLossError, TrainingInterrupted, align_loops
 
 
 class StopAfterEpoch(L.Callback):
@@ -61,6 +63,73 @@ def test_resumed_run_equals_uninterrupted_run(tiny_data, tmp_path):
     split = load_run(tmp_path / "split").method.state_dict()
     for key in whole:
         assert torch.equal(whole[key], split[key]), key
+
+
+class TermAt(L.Callback):
+    """SIGTERM at the end of step ``step``; the run stops (and saves ``last.ckpt``) at the end of the next step."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_stop_on_an_epochs_last_batch_resumes_exactly(tiny_data, tmp_path, single_thread):
+    """A stop during an epoch's last batch saves ``last.ckpt`` after that batch, before the epoch's end (Lightning's
+    counters: "epoch 0 in progress, its last batch trained"); a ``--max-steps`` run with drop path resumed from it
+    starts epoch 1 at its first batch and ends equal to an uninterrupted one, optimizer state included."""
+    def config(out):
+        run = tiny_run_config(tiny_data, out, max_steps=8)
+        run.model.drop_path = 0.2
+        return run
+
+    pretrain(config(tmp_path / "whole"))
+    with pytest.raises(TrainingInterrupted):
+        pretrain(config(tmp_path / "split"), callbacks=[TermAt(3)])
+    stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
+    assert stopped["global_step"] == 4 and stopped["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 0
+    assert pretrain(config(tmp_path / "split"))["global_step"] == 8
+    whole, split = (read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("whole", "split"))
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, split["state_dict"][key]), key
+    moments, again = whole["optimizer_states"][0]["state"], split["optimizer_states"][0]["state"]
+    assert all(torch.equal(moments[i][name], again[i][name]) for i in moments for name in moments[i])
+
+
+def test_align_loops_reads_every_boundary_checkpoint_as_the_next_epochs_start():
+    """Lightning's counters as it writes them at an epoch's end and after an epoch's last batch (a stop, before the
+    end) become one state, "epoch 2 done, 3 not started"; mid-epoch ones read "batch k of the epoch trained"."""
+    def written(step, epochs, epochs_processed, batches_total, batches_current, lag):
+        def counters(value, completed):
+            return {"ready": value, "started": value, "processed": value, "completed": completed}
+        epoch = counters(epochs, epochs_processed - (not lag))
+        epoch["processed"] = epochs_processed
+        steps = {"total": {"ready": step, "completed": step}, "current": {"ready": batches_current} | {"completed": batches_current}}
+        return {"global_step": step, "epoch": epochs_processed, "loops": {"fit_loop": {
+            "epoch_progress": {"total": dict(epoch), "current": dict(epoch)},
+            "epoch_loop.state_dict": {"_batches_that_stepped": step - lag},
+            "epoch_loop.batch_progress": {"total": counters(batches_total, batches_total - lag),
+                                          "current": counters(batches_current, batches_current - lag),
+                                          "is_last_batch": batches_current == 4},
+            "epoch_loop.scheduler_progress": json.loads(json.dumps(steps)),
+            "epoch_loop.automatic_optimization.optim_progress": {"optimizer": {"step": json.loads(json.dumps(steps))}},
+            "epoch_loop.val_loop.batch_progress": {"total": counters(0, 0), "current": counters(0, 0),
+                                                   "is_last_batch": False}}}}
+
+    at_epoch_end = written(8, epochs=2, epochs_processed=2, batches_total=8, batches_current=4, lag=0)
+    after_last_batch = written(8, epochs=2, epochs_processed=1, batches_total=8, batches_current=4, lag=1)
+    for checkpoint in (at_epoch_end, after_last_batch):
+        assert align_loops(checkpoint, batches_per_epoch=4, accumulate=1) == (2, 0)
+    assert at_epoch_end == after_last_batch
+    fit = at_epoch_end["loops"]["fit_loop"]
+    assert fit["epoch_progress"]["current"] == {"ready": 2, "started": 2, "processed": 2, "completed": 2}
+    assert fit["epoch_loop.batch_progress"]["current"]["ready"] == 0 and fit["epoch_loop.batch_progress"]["total"]["ready"] == 8
+    mid_epoch = written(6, epochs=2, epochs_processed=1, batches_total=6, batches_current=2, lag=1)
+    as_lightning_wrote_it = json.loads(json.dumps(mid_epoch))
+    assert align_loops(mid_epoch, batches_per_epoch=4, accumulate=1) == (1, 2)
+    assert mid_epoch == as_lightning_wrote_it
 
 
 def test_resuming_with_another_model_is_refused(tiny_data, tmp_path):

@@ -76,7 +76,7 @@ from .finetune_data import FinetuneData, TrainAugment, finetune_splits
 from .optim import adamw_warmup_cosine, layer_decay_groups
 from .precision import lightning_precision
 from .run import write_json, write_summary
-from .trainer import NonFiniteLossError, build_trainer, fitting, session_record
+from .trainer import NonFiniteLossError, align_loops, build_trainer, fitting, session_record
 
 
 class FinetuneModule(L.LightningModule):
@@ -102,6 +102,7 @@ class FinetuneModule(L.LightningModule):
         self.on_epoch_evaluated = None            # callback(module) after each validation (writes the JSON)
         self.eval_split = "val"
         self.last_eval_top1: float | None = None
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it trained), set when resuming
         self._correct = self._seen = 0
 
     @property
@@ -205,6 +206,8 @@ class FinetuneModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.eval_split == "val":  # resuming; a test evaluation of best.ckpt keeps the full history
             self.history = list(checkpoint["leanmim"]["finetune"]["history"])
+            # where the resumed run stands, for the data (FinetuneData) and Lightning's counters alike
+            self.resume_at = align_loops(checkpoint, self.batches_per_epoch, 1)
 
 
 class KeepSelected(L.Callback):

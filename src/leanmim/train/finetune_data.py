@@ -87,6 +87,9 @@ class FinetuneData(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         sampler = GlobalBatchSampler(len(self.splits.train), self.settings.batch_size, self.settings.seed,
                                      self.trainer.global_rank, self.trainer.world_size)
+        sampler.resume_at = getattr(self.trainer.lightning_module, "resume_at", None)  # resumed: skip what was trained
+        if sampler.resume_at is not None:  # the first iterator is made before Lightning sets the epoch
+            sampler.set_epoch(sampler.resume_at[0])
         return DataLoader(self.splits.train, batch_sampler=sampler, num_workers=self.workers,
                           persistent_workers=self.workers > 0, multiprocessing_context=worker_start_method(self.workers),
                           pin_memory=pin_memory(self.trainer))

@@ -32,10 +32,10 @@ from ..parts.tokens import BatchRandom
 from ..weights import checkpoint_step, newest_checkpoint, read_checkpoint
 from .console import quiet
 from .lock import RunLock, is_launcher_rank_zero
-from .optim import adamw_warmup_cosine, parameter_groups, resume_position
+from .optim import adamw_warmup_cosine, parameter_groups
 from .precision import lightning_precision, pin_memory
 from .run import check_run_directory, data_fingerprint, has_checkpoint, identity_of, write_run_file, write_summary
-from .trainer import NonFiniteLossError, ThroughputSummary, build_trainer, fitting, session_record
+from .trainer import NonFiniteLossError, ThroughputSummary, align_loops, build_trainer, fitting, session_record
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
@@ -63,8 +63,7 @@ class PretrainModule(L.LightningModule):
         self.total_steps = 1          # set by pretrain() once the data size is known
         self.batches_per_epoch = 1
         self._last_step_time: float | None = None
-        self.resume_at: tuple[int, int] | None = None  # set when a checkpoint is loaded
-        self._pending_rng_state: torch.Tensor | None = None
+        self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it trained), set when a checkpoint is loaded
 
     def forward_method(self, images: torch.Tensor, micro_step: int):
         train = self.config.train
@@ -122,20 +121,11 @@ class PretrainModule(L.LightningModule):
         checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict(), "total_steps": self.total_steps}
         if getattr(self, "run_identity", None) is not None:  # the run's identity survives a deleted run.json
             checkpoint["leanmim"]["identity"] = self.run_identity
-        checkpoint["leanmim_rng"] = {"torch": torch.get_rng_state()}  # drop path / dropout draws continue exactly
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.resume_at = resume_position(int(checkpoint.get("global_step", 0)), self.batches_per_epoch,
-                                         self.config.train.accumulate_grad_batches)
-        rng = checkpoint.get("leanmim_rng")
-        if isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor):
-            self._pending_rng_state = rng["torch"]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # Restored here, not on load: making the data iterator draws from the global generator in between
-        if self._pending_rng_state is not None:
-            torch.set_rng_state(self._pending_rng_state)
-            self._pending_rng_state = None
+        # the data skip the batches already trained (resume_at) and Lightning's counters say the same; drop path and
+        # dropout draws are seeded per batch (trainer.SeedEachBatch), so nothing of the global generator is restored
+        self.resume_at = align_loops(checkpoint, self.batches_per_epoch, self.config.train.accumulate_grad_batches)
 
 
 class PretrainData(L.LightningDataModule):
@@ -234,7 +224,8 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
                                shuffle_buffer=config.data.shuffle_buffer)
     per_process = config.train.batch_size * trainer.world_size
     batches_per_epoch = len(data.dataset) // per_process
-    optimizer_steps_per_epoch = max(1, batches_per_epoch // config.train.accumulate_grad_batches)
+    # Lightning ends every epoch with an optimizer step, also after a partial accumulation (optim.resume_position)
+    optimizer_steps_per_epoch = max(1, -(-batches_per_epoch // config.train.accumulate_grad_batches))
     total_steps = (config.train.max_steps if config.train.max_steps > 0
                    else config.train.epochs * optimizer_steps_per_epoch)
     if batches_per_epoch == 0:  # checked before anything is recorded: the corrected command must not be "another run"

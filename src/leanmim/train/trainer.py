@@ -86,13 +86,18 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 class RunCheckpoint(ModelCheckpoint):
-    """Lightning's ModelCheckpoint for a run directory: ``epochNNN.ckpt`` every ``every_n_epochs`` epochs (the
-    newest ``keep`` kept, -1: all) and ``last.ckpt`` at every epoch end, plus every ``every_n_steps`` optimizer
-    steps (a rolling resume point for exact mid-epoch resume)."""
+    """Lightning's ModelCheckpoint for a run directory: ``last.ckpt`` at every epoch end (a fine-tune's after its
+    validation), then ``epochNNN.ckpt`` every ``every_n_epochs`` epochs (the newest ``keep`` kept, -1: all), plus
+    ``last.ckpt`` every ``every_n_steps`` optimizer steps (a rolling resume point for exact mid-epoch resume).
+
+    ``last.ckpt`` is written by leanmim, not by Lightning's ``save_last`` (which writes it only when a periodic
+    checkpoint was written at that step: never with ``every_n_epochs`` 0 or ``keep`` 0), and before the periodic
+    file, so that a kill between the two leaves the newest state in ``last.ckpt``.
+    """
 
     def __init__(self, dirpath: Path, every_n_epochs: int = 1, keep: int = -1, every_n_steps: int = 0):
         periodic = every_n_epochs > 0 and keep != 0
-        super().__init__(dirpath=dirpath, filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_last=True,
+        super().__init__(dirpath=dirpath, filename="epoch{epoch:03d}", auto_insert_metric_name=False, save_last=False,
                          every_n_epochs=every_n_epochs if periodic else None, save_top_k=-1 if periodic else 0,
                          enable_version_counter=False)
         self.keep, self.every_n_steps = keep, every_n_steps
@@ -100,7 +105,23 @@ class RunCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         step = trainer.global_step
-        if self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not trainer.fit_loop._should_accumulate():
+        epoch_ends = batch_idx + 1 >= trainer.num_training_batches or 0 < trainer.max_steps <= step
+        if (self.every_n_steps and step > 0 and step % self.every_n_steps == 0 and not epoch_ends
+                and not trainer.fit_loop._should_accumulate()):   # at an epoch's end: written there in a moment
+            save_resume_point(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._should_save_on_train_epoch_end(trainer):
+            self._save_last_at_epoch_end(trainer)
+        super().on_train_epoch_end(trainer, pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._save_last_at_epoch_end(trainer)
+        super().on_validation_end(trainer, pl_module)
+
+    def _save_last_at_epoch_end(self, trainer) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and not trainer.fast_dev_run:
             save_resume_point(trainer)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
@@ -119,6 +140,70 @@ def save_resume_point(trainer: L.Trainer) -> str | None:
     path = os.path.join(callback.dirpath, LAST_CHECKPOINT)
     trainer.save_checkpoint(path)
     return path
+
+
+def align_loops(checkpoint: dict[str, Any], batches_per_epoch: int, accumulate: int) -> tuple[int, int]:
+    """Where a run resumed from ``checkpoint`` stands — (epoch, batches of it already trained), from its step count
+    alone (:func:`leanmim.train.optim.resume_position`) — and Lightning's loop counters in ``checkpoint`` rewritten to
+    say the same, so that the data (which skips those batches itself) and Lightning's loops agree.
+
+    Why: Lightning restores a checkpoint written at an epoch's end in two ways. An epoch-based run starts the next
+    epoch; a ``max_steps`` run (and, before its counters are advanced, a shard stream asking for the epoch) treats the
+    epoch as unfinished and trains one more batch labelled (epoch e, batch N) before restarting epoch e + 1 at batch 0.
+    A ``last.ckpt`` written after an epoch's last batch but before its end is a third case. Here every checkpoint at an
+    epoch boundary reads as "epoch e done, e + 1 not started", and every mid-epoch one as Lightning writes it after a
+    training batch ("batch k of epoch e trained", :class:`RunCheckpoint`'s rolling resume point).
+    """
+    from .optim import resume_position
+
+    step = int(checkpoint.get("global_step", 0))
+    epoch, batches = resume_position(step, batches_per_epoch, accumulate)
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not isinstance(fit, dict) or "epoch_progress" not in fit:   # not written by a Lightning fit: as it is
+        return epoch, batches
+    steps_in_epoch = batches // accumulate
+    mid = batches > 0
+
+    def counters(progress: dict[str, Any], total: int, current: int, current_completed: int | None = None) -> None:
+        for part, value in (("total", total), ("current", current)):
+            for key in progress.get(part, {}):
+                progress[part][key] = value
+        if current_completed is not None:  # written after a batch, before Lightning counts it completed
+            progress["total"]["completed"] = total - 1
+            progress["current"]["completed"] = current_completed
+
+    counters(fit["epoch_progress"], epoch + mid, epoch + mid)
+    if mid:  # epoch e started, not yet processed
+        for part in ("total", "current"):
+            fit["epoch_progress"][part].update(processed=epoch, completed=epoch)
+    batch = fit.get("epoch_loop.batch_progress", {})
+    counters(batch, epoch * batches_per_epoch + batches, batches, batches - 1 if mid else None)
+    batch["is_last_batch"] = False
+    counters(fit.get("epoch_loop.scheduler_progress", {}), step, steps_in_epoch)
+    optimizer = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+    for progress in optimizer.values():
+        counters(progress, step, steps_in_epoch)
+    validation = fit.get("epoch_loop.val_loop.batch_progress", {})
+    counters(validation, 0, 0)
+    validation["is_last_batch"] = False
+    if isinstance(fit.get("epoch_loop.state_dict"), dict):   # logging steps; Lightning adds the one in progress
+        fit["epoch_loop.state_dict"]["_batches_that_stepped"] = step - 1 if mid else step
+    checkpoint["epoch"] = epoch
+    return epoch, batches
+
+
+class SeedEachBatch(Callback):
+    """Seeds torch's global generator before every training batch from (seed, epoch, batch, rank): drop path,
+    dropout and any other draw from it depend on where the batch stands, never on what ran before it in this
+    process (a resumed run, a loader started at an epoch boundary), on the CPU and on the accelerator alike."""
+
+    def __init__(self, seed: int):
+        self.seed = seed
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        from ..data.common import mix_seed
+
+        torch.manual_seed(mix_seed(0x44524F50, self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))  # "DROP"
 
 
 class StopOnSignal(Callback):
@@ -282,7 +367,7 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback
     checkpointing = RunCheckpoint(run_dir / CHECKPOINT_DIR, every_n_epochs=train.checkpoint_every_epochs,
                                   keep=train.keep_checkpoints, every_n_steps=train.checkpoint_every_steps)
     loggers = build_loggers(train.logger, run_dir)
-    all_callbacks = [checkpointing, StopOnSignal(stop_after_last_batch), *callbacks]
+    all_callbacks = [checkpointing, StopOnSignal(stop_after_last_batch), SeedEachBatch(train.seed), *callbacks]
     if train.progress_bar:  # leanmim's one line for the whole run (console.py), not Lightning's bar per epoch
         from .console import RunProgress
         all_callbacks.append(RunProgress(every_steps=train.log_every_steps))
