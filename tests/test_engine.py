@@ -98,6 +98,29 @@ def test_a_stop_on_an_epochs_last_batch_resumes_exactly(tiny_data, tmp_path, sin
     assert all(torch.equal(moments[i][name], again[i][name]) for i in moments for name in moments[i])
 
 
+def test_accumulation_over_a_partial_last_group_counts_lightnings_steps_and_resumes_exactly(tiny_data, tmp_path,
+                                                                                           single_thread):
+    """4 batches an epoch accumulated by 3: Lightning steps after batches 3 and 4 (the epoch ends with a step), so an
+    epoch is 2 optimizer steps and 3 epochs 6 — the schedule's length too. Stopped mid-epoch 1 (step 3) and resumed,
+    the run ends as an uninterrupted one."""
+    def config(out):
+        run = tiny_run_config(tiny_data, out, epochs=3, accumulate_grad_batches=3)
+        run.model.drop_path = 0.2
+        return run
+
+    whole = pretrain(config(tmp_path / "whole"))
+    assert whole["global_step"] == 6 and whole["total_steps"] == 6
+    with pytest.raises(TrainingInterrupted):
+        pretrain(config(tmp_path / "split"), callbacks=[TermAt(2)])
+    assert read_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 3
+    assert pretrain(config(tmp_path / "split"))["global_step"] == 6
+    first, second = (read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("whole", "split"))
+    for key, value in first["state_dict"].items():
+        assert torch.equal(value, second["state_dict"][key]), key
+    moments, again = first["optimizer_states"][0]["state"], second["optimizer_states"][0]["state"]
+    assert all(torch.equal(moments[i][name], again[i][name]) for i in moments for name in moments[i])
+
+
 def test_align_loops_reads_every_boundary_checkpoint_as_the_next_epochs_start():
     """Lightning's counters as it writes them at an epoch's end and after an epoch's last batch (a stop, before the
     end) become one state, "epoch 2 done, 3 not started"; mid-epoch ones read "batch k of the epoch trained"."""
