@@ -112,3 +112,54 @@ def test_shard_overwrite_refuses_a_directory_it_did_not_write(tmp_path):
     (out / "manifest.json").write_text(json.dumps({"splits": {"train": {"shards": [{"name": "../escape.tar"}]}}}))
     with pytest.raises(DataError, match="outside --out"):
         write_shards(str(images), out, shard_size=2, overwrite=True)
+
+
+def test_an_interrupt_saves_its_resume_point_without_lightnings_weights_only_line(tmp_path):
+    import logging
+
+    from conftest import make_tiny_idx_dataset
+    from test_cluster_corpus import interrupted_run
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    data = make_tiny_idx_dataset(tmp_path / "data")
+    source = logging.getLogger("lightning.pytorch.trainer.connectors.checkpoint_connector")  # where Lightning says it
+    kept, level = Keep(), source.level
+    source.addHandler(kept)
+    source.setLevel(logging.INFO)
+    try:
+        interrupted_run(data, tmp_path / "run")   # SIGTERM after step 1: last.ckpt written by the signal handler
+    finally:
+        source.removeHandler(kept)
+        source.setLevel(level)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert not [message for message in kept.messages if "weights_only" in message], kept.messages
+
+
+def test_a_finetune_whose_loss_diverges_stops_before_a_checkpoint_holds_it(tiny_data, tmp_path, monkeypatch):
+    from conftest import tiny_run_config
+    from leanmim import api
+    from leanmim.parts.classifier import Classifier
+    from leanmim.train.pretrain import pretrain
+    from leanmim.train.trainer import NonFiniteLossError
+
+    run = tmp_path / "run"
+    pretrain(tiny_run_config(tiny_data, run, max_steps=2))
+    original = Classifier.forward
+    calls = {"n": 0}
+
+    def diverging(self, images):
+        calls["n"] += 1
+        logits = original(self, images)
+        return logits * float("nan") if self.training and calls["n"] > 2 else logits   # the 3rd training step
+
+    monkeypatch.setattr(Classifier, "forward", diverging)
+    with pytest.raises(NonFiniteLossError, match=r"at step 2 .*fine-tune's identity.*another --out"):
+        api.finetune(run, out=str(tmp_path / "ft"), epochs=2, batch_size=32, precision="32", progress_bar=False)
+    assert not list((tmp_path / "ft").glob("checkpoints/*.ckpt"))   # diverged in epoch 1: no checkpoint holds it

@@ -2,7 +2,7 @@
 
 A run directory (pretraining or fine-tuning) holds ``run.json`` (kind and identity), ``checkpoints/`` (the
 step reached and the schedule's length), ``summary.json`` (its ``progress`` entry is written by the
-run's :class:`leanmim.train.trainer.ProgressLogger` when the run starts and at every logging step: process id, host,
+run's :class:`leanmim.train.loggers.ProgressLogger` when the run starts and at every logging step: process id, host,
 step, last loss, throughput, state) and, for a fine-tuning, ``finetune.json``.
 
 State: ``finished`` (the newest checkpoint ends the schedule; a fine-tuning: its test split was evaluated),

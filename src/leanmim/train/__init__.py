@@ -2,8 +2,9 @@
 
 The core:
     precision.py      which precision and device a run gets (bf16 where the hardware has it)
-    trainer.py        build_trainer: the Lightning Trainer both tasks run on, its loggers, atomic checkpoint writer,
-                      checkpoint schedule and the signal handling that saves and stops (Ctrl-C, SIGTERM, SIGUSR1)
+    trainer.py        build_trainer: the Lightning Trainer both tasks run on, its atomic checkpoint writer and
+                      schedule, the signal handling that saves and stops (Ctrl-C, SIGTERM, SIGUSR1), the NaN guard
+    loggers.py        Lightning's loggers by name, one CSV log per run continued by every resume, the progress record
     optim.py          the warmup-cosine schedule, weight-decay and layer-decay parameter groups, resume position
     run.py            a run directory's identity: resume exactly the same run or refuse and say what differs;
                       data fingerprints, the summary, refusing to overwrite a user's files

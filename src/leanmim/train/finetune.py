@@ -76,7 +76,7 @@ from .finetune_data import FinetuneData, TrainAugment, finetune_splits
 from .optim import adamw_warmup_cosine, layer_decay_groups
 from .precision import lightning_precision
 from .run import write_json, write_summary
-from .trainer import NonFiniteLossError, align_loops, build_trainer, fitting, session_record
+from .trainer import FiniteLossGuard, align_loops, build_trainer, fitting, session_record
 
 
 class FinetuneModule(L.LightningModule):
@@ -95,6 +95,9 @@ class FinetuneModule(L.LightningModule):
             self.ema.requires_grad_(False)
         self.total_steps = 1          # set by finetune() once the data size is known
         self.batches_per_epoch = 1
+        self.finite_loss = FiniteLossGuard(
+            "These settings are part of the fine-tune's identity: run it again with another --out and a lower "
+            "--base-lr or a --grad-clip")
         self.history: list[dict[str, Any]] = []   # one entry per validated epoch
         self.data_description: dict[str, Any] = {}
         self.class_names: list[str] = []           # label i's name (folder / shard classes), set by finetune()
@@ -124,10 +127,7 @@ class FinetuneModule(L.LightningModule):
         else:
             loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.settings.label_smoothing)
             hard = labels
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"loss became {loss.item()} at step {self.global_step} (epoch {self.current_epoch}); the last good "
-                f"checkpoint is untouched: lower --base-lr or set --grad-clip, then rerun to resume")
+        self.finite_loss.update(loss, self.global_step, self.current_epoch, self.settings.log_every_steps)
         self.log("loss", loss.detach(), prog_bar=True, on_step=True, on_epoch=True)
         self.log("train_top1", (logits.argmax(1) == hard).float().mean(), on_step=True, on_epoch=True)
         self.log("lr", self.optimizers().param_groups[-1]["lr"], prog_bar=True, on_step=True, on_epoch=False)
@@ -195,6 +195,7 @@ class FinetuneModule(L.LightningModule):
                 "history": list(self.history)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_loss.check(self.global_step, self.current_epoch)   # raising here writes nothing
         checkpoint["leanmim"] = {
             "version": __version__, "config": self.run_config.to_dict(),
             "finetune": {"settings": dataclasses.asdict(self.settings), "source": self.source,
@@ -374,7 +375,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     module.on_epoch_evaluated = lambda current: write_json(out / RESULTS_FILE, describe(current))
     datamodule = FinetuneData(subsets, settings, in_memory)
     started = time.perf_counter()
-    with fitting(".*module\\(s\\) in eval mode.*"):   # the EMA copy is in eval mode by design
+    with fitting(trainer, resume_from, ".*module\\(s\\) in eval mode.*"):   # the EMA copy is in eval mode by design
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         results = {**describe(module), **session_record(trainer, resume_from, started)}
         if trainer.current_epoch >= settings.epochs and module.history:  # finished: the test split, once each

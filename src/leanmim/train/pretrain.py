@@ -8,7 +8,6 @@ and do not depend on the number of processes, and a NaN/inf guard. What both tas
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from pathlib import Path
@@ -24,7 +23,7 @@ from ..config import ConfigError, RunConfig, as_user_meant
 from ..data import MIMData, ShardSource, build_pretrain_data, default_channels, default_img_size
 from ..data.common import worker_start_method
 from ..data.sampler import GlobalBatchSampler
-from ..files import CHECKPOINT_DIR, RUN_FILE, remove_stale_temporaries
+from ..files import CHECKPOINT_DIR, RUN_FILE, read_json_object, remove_stale_temporaries
 from ..methods import build_method, build_options
 from ..methods.base import options_to_dict
 from ..parts.encoder import training_attention
@@ -35,14 +34,15 @@ from .lock import RunLock, is_launcher_rank_zero
 from .optim import adamw_warmup_cosine, parameter_groups
 from .precision import lightning_precision, pin_memory
 from .run import check_run_directory, data_fingerprint, has_checkpoint, identity_of, write_run_file, write_summary
-from .trainer import NonFiniteLossError, ThroughputSummary, align_loops, build_trainer, fitting, session_record
+from .trainer import FiniteLossGuard, ThroughputSummary, align_loops, build_trainer, fitting, session_record
 
 
 def resolve_config(config: RunConfig) -> RunConfig:
     """Fill model geometry from the data, validate the method options, pick the run directory."""
     config.train.validate()
     config.data.validate()
-    model = config.model.resolved(default_img_size(config.data.path), default_channels(config.data.path))
+    model = config.model.resolved(default_img_size(config.data.path), default_channels(config.data.path),
+                                  method=config.method)
     options = options_to_dict(build_options(config.method, config.options))
     train = config.train
     if train.out is None:
@@ -63,6 +63,9 @@ class PretrainModule(L.LightningModule):
         self.total_steps = 1          # set by pretrain() once the data size is known
         self.batches_per_epoch = 1
         self._last_step_time: float | None = None
+        self.finite_loss = FiniteLossGuard(
+            f"These settings are part of the run's identity, so start a new run from it: the same command with "
+            f"another --out, a lower --base-lr or a --grad-clip, and --init-from {config.train.out}/checkpoints/last.ckpt")
         self.resume_at: tuple[int, int] | None = None  # (epoch, batches of it trained), set when a checkpoint is loaded
 
     def forward_method(self, images: torch.Tensor, micro_step: int):
@@ -78,12 +81,7 @@ class PretrainModule(L.LightningModule):
     def training_step(self, images: torch.Tensor, batch_idx: int) -> torch.Tensor:
         micro_step = self.current_epoch * self.batches_per_epoch + batch_idx
         output = self.forward_method(images, micro_step)
-        if not torch.isfinite(output.loss):
-            raise NonFiniteLossError(
-                f"loss became {output.loss.item()} at step {self.global_step} (epoch {self.current_epoch}); "
-                f"the last good checkpoint is untouched. These settings are part of the run's identity, so start a new "
-                f"run from it: the same command with another --out, a lower --base-lr or a --grad-clip, and "
-                f"--init-from {self.config.train.out}/checkpoints/last.ckpt")
+        self.finite_loss.update(output.loss, self.global_step, self.current_epoch, self.config.train.log_every_steps)
         now = time.perf_counter()
         if self._last_step_time is not None:
             count = len(images[0] if isinstance(images, list) else images)  # a list: whole images and their sizes
@@ -102,7 +100,9 @@ class PretrainModule(L.LightningModule):
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        self.method.after_optimizer_step(min(1.0, (self.global_step + 1) / max(1, self.total_steps)))
+        # global_step is still k here (the step just taken): progress k/K, what this step's forward saw (the released
+        # EMA schedules index their momentum by the step from 0)
+        self.method.after_optimizer_step(min(1.0, self.global_step / max(1, self.total_steps)))
 
     def configure_optimizers(self):
         train = self.config.train
@@ -117,6 +117,7 @@ class PretrainModule(L.LightningModule):
         return train.base_lr * train.batch_size * train.accumulate_grad_batches * world / 256
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.finite_loss.check(self.global_step, self.current_epoch)   # raising here writes nothing
         # total_steps: the schedule's length, so that a probe or fine-tune can tell a finished pretraining from a stopped one
         checkpoint["leanmim"] = {"version": __version__, "config": self.config.to_dict(), "total_steps": self.total_steps}
         if getattr(self, "run_identity", None) is not None:  # the run's identity survives a deleted run.json
@@ -236,7 +237,7 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
         summary_path = run_dir / "summary.json"  # finished: change no file
         if lock is not None:
             lock.release_untouched()
-        stored = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        stored = read_json_object(summary_path)
         return {**stored, "run_dir": str(run_dir), "already_finished": True}
 
     if trainer.is_global_zero:
@@ -268,7 +269,7 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
                            title=f"pretraining (leanmim {__version__})"))
     started = time.perf_counter()
     # leanmim resumes mid-epoch itself (GlobalBatchSampler.resume_at), so Lightning's warning does not apply
-    with fitting(".*resuming from a checkpoint that ended before the epoch ended.*"):
+    with fitting(trainer, resume_from, ".*resuming from a checkpoint that ended before the epoch ended.*"):
         trainer.fit(module, datamodule=PretrainData(data, config), ckpt_path=resume_from, weights_only=True)
     loss = trainer.callback_metrics.get("loss_epoch")
     summary = {

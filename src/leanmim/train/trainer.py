@@ -17,18 +17,45 @@ from typing import Any, Iterator, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
 
-from ..config import ConfigError, RunConfig
+from ..config import RunConfig
 from ..files import CHECKPOINT_DIR, LAST_CHECKPOINT, temporary_path
+from ..weights import checkpoint_step
 from .precision import lightning_precision
-from .run import write_summary
+from .loggers import build_loggers, continue_logs
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left untouched."""
+
+
+class FiniteLossGuard:
+    """Stops a run whose loss became NaN or infinite, before any checkpoint holds it, without a host synchronisation
+    per step on a GPU: the "all finite" flag stays on the device and is read every step on a CPU (free), on logging
+    steps on a GPU, and before every checkpoint write (``check`` raising there writes nothing)."""
+
+    def __init__(self, advice: str):
+        self.advice = advice                  # what the user can do (the task's settings are part of its identity)
+        self.all_finite: torch.Tensor | None = None
+        self.unchecked_since = 0              # the first step since the last check
+
+    def update(self, loss: torch.Tensor, step: int, epoch: int, log_every: int) -> None:
+        finite = torch.isfinite(loss.detach())
+        if self.all_finite is None:
+            self.all_finite, self.unchecked_since = finite, step
+        else:
+            self.all_finite = self.all_finite & finite
+        if finite.device.type == "cpu" or step % max(1, log_every) == 0:
+            self.check(step, epoch)
+
+    def check(self, step: int, epoch: int) -> None:
+        if self.all_finite is not None and not bool(self.all_finite):
+            when = f"at step {step}" if self.unchecked_since == step else \
+                f"between steps {self.unchecked_since} and {step}"
+            raise NonFiniteLossError(f"the loss became NaN or infinite {when} (epoch {epoch}); the last good "
+                                     f"checkpoint is untouched. {self.advice}")
+        self.all_finite = None
 
 
 class TrainingInterrupted(Exception):
@@ -138,7 +165,7 @@ def save_resume_point(trainer: L.Trainer) -> str | None:
     if callback is None or callback.dirpath is None or trainer.global_step == 0:
         return None
     path = os.path.join(callback.dirpath, LAST_CHECKPOINT)
-    trainer.save_checkpoint(path)
+    trainer.save_checkpoint(path, weights_only=False)  # a resume point: optimizer, schedule, loops, callbacks too
     return path
 
 
@@ -254,110 +281,18 @@ class StopOnSignal(Callback):
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not trainer.fit_loop._should_accumulate():
             path = save_resume_point(trainer)
+            flush_logs(trainer)
             raise TrainingInterrupted(self.received or signal.SIGTERM, trainer.global_step, path)
 
 
-LOGGER_EXTRAS = {"wandb": "wandb", "mlflow": "mlflow"}
-
-
-def build_loggers(names: str, run_dir: Path) -> list:
-    """Lightning's own loggers by name: csv (RUN_DIR/logs), tensorboard (RUN_DIR/tensorboard), wandb (offline in
-    RUN_DIR/wandb unless WANDB_MODE=online), mlflow (a local store RUN_DIR/mlruns unless MLFLOW_TRACKING_URI is set)."""
-    import importlib.util
-
-    chosen = [name.strip().lower() for name in str(names).split(",") if name.strip()]
-    unknown = [name for name in chosen if name not in ("csv", "tensorboard", "wandb", "mlflow")]
-    if unknown or not chosen:
-        raise ConfigError(f"--logger: unknown logger '{', '.join(unknown) or names}': choose from csv, tensorboard, "
-                          f"wandb, mlflow (comma-separated)")
-    for name in chosen:
-        if name in LOGGER_EXTRAS and importlib.util.find_spec(LOGGER_EXTRAS[name]) is None:
-            raise ConfigError(f"--logger {name} needs the {LOGGER_EXTRAS[name]} package: pip install 'leanmim[{name}]'")
-    loggers = []
-    for name in dict.fromkeys(chosen):
-        if name == "csv":
-            # version "": one log per run (logs/metrics.csv), appended to by every resume instead of a new version_N
-            warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")
-            loggers.append(CSVLogger(run_dir, name="logs", version=""))
-        elif name == "tensorboard":
-            loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version=""))
-        elif name == "wandb":
-            from lightning.pytorch.loggers import WandbLogger
-            loggers.append(WandbLogger(name=run_dir.name, save_dir=str(run_dir), project="leanmim",
-                                       offline=os.environ.get("WANDB_MODE", "offline") != "online"))
-        else:
-            from lightning.pytorch.loggers import MLFlowLogger
-            loggers.append(MLFlowLogger(experiment_name="leanmim", run_name=run_dir.name,
-                                        tracking_uri=os.environ.get("MLFLOW_TRACKING_URI",
-                                                                    (run_dir / "mlruns").resolve().as_uri())))
-    return [*loggers, ProgressLogger(run_dir)]
-
-
-class ProgressLogger(Logger):
-    """Keeps ``RUN_DIR/summary.json``'s ``progress`` entry current for ``leanmim status``: written when training
-    starts, at every logging step (at most every 2 s) and at the end — process id and host, step, total steps,
-    epoch, last loss, img/s, steps/s and the state (running, stopped, failed). Lightning hands each logger the
-    module once at the start (``log_graph``), which gives the schedule's length. Global rank zero only."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__()
-        self.run_dir, self.module, self.progress = Path(run_dir), None, {}
-        self._written_at = 0.0
-        self._first: tuple[float, int] | None = None   # (time, step) of the first logged step of this session
-
-    @property
-    def name(self) -> str:
-        return "progress"
-
-    @property
-    def version(self) -> str:
-        return ""
-
-    @rank_zero_only
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        pass
-
-    @rank_zero_only
-    def log_graph(self, model, input_array=None) -> None:
-        import socket
-
-        self.module = model
-        self.progress = {"state": "running", "pid": os.getpid(), "host": socket.gethostname(),
-                         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        self._write(force=True)
-
-    @rank_zero_only
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        now = time.time()
-        step = int(step if step is not None else 0) + 1   # Lightning logs step s for the (s + 1)-th optimizer step
-        if self._first is None:
-            self._first = (now, step)
-        elif step > self._first[1]:
-            self.progress["steps_per_second"] = round((step - self._first[1]) / (now - self._first[0]), 4)
-        loss = metrics.get("loss_step", metrics.get("loss"))
-        if loss is not None:
-            self.progress["loss"] = float(loss)
-        if metrics.get("img_per_s") is not None:
-            self.progress["images_per_second"] = round(float(metrics["img_per_s"]), 1)
-        self.progress["step"] = max(step, self.progress.get("step", 0))
-        self._write()
-
-    @rank_zero_only
-    def finalize(self, status: str) -> None:
-        self.progress["state"] = "stopped" if status == "success" else status
-        self._write(force=True)
-
-    def _write(self, force: bool = False) -> None:
-        if not force and time.time() - self._written_at < 2.0:
-            return
-        module = self.module
-        if module is not None and getattr(module, "_trainer", None) is not None:
-            self.progress.update(step=max(int(module.global_step), self.progress.get("step", 0)),
-                                 epoch=int(module.current_epoch), total_steps=int(getattr(module, "total_steps", 0)))
-        self.progress["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-        self._written_at = time.time()
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        write_summary(self.run_dir, {"progress": dict(self.progress)})
+def flush_logs(trainer: L.Trainer) -> None:
+    """Before stopping inside a step: log that step's metrics (Lightning logs them only after the batch-end hooks) and
+    write what the loggers hold, so that the run's log ends at the step its resume point holds."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is not None and hasattr(connector, "update_train_step_metrics"):
+        connector.update_train_step_metrics()
+    for logger in trainer.loggers:
+        logger.save()
 
 
 def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback] = (),
@@ -383,13 +318,13 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback
 
 
 @contextmanager
-def fitting(*also_ignore: str) -> Iterator[None]:
-    """Around ``trainer.fit`` (and what follows it in the same session): Lightning's advice that does not apply.
-
-    Its "does not have many workers" hint (leanmim chooses workers per source) and, for each task, the messages in
-    ``also_ignore`` (regular expressions), e.g. pretraining's mid-epoch resume warning (leanmim's sampler resumes
-    mid-epoch itself).
+def fitting(trainer: L.Trainer, resume_from: str | Path | None, *also_ignore: str) -> Iterator[None]:
+    """Around ``trainer.fit`` (and what follows it in the same session): the run's CSV log continued from the
+    resumed step (:class:`RunCSVLogger`), and none of Lightning's advice that does not apply: its "does not have many
+    workers" hint (leanmim chooses workers per source) and, for each task, the messages in ``also_ignore`` (regular
+    expressions), e.g. pretraining's mid-epoch resume warning (leanmim's sampler resumes mid-epoch itself).
     """
+    continue_logs(trainer, (checkpoint_step(Path(resume_from)) or 0) if resume_from else 0)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         for message in also_ignore:
