@@ -181,3 +181,22 @@ def test_start_summary_once_before_the_first_step_and_on_resume(pretrained, tmp_
 class StopAfterFirstEpoch(L.Callback):
     def on_train_epoch_end(self, trainer, module):
         trainer.should_stop = True
+
+
+@pytest.mark.parametrize("source, target", [(3, 1), (1, 3), (2, 3), (3, 2)])
+def test_patch_embedding_channels_adapted_by_timms_rule(source, target):
+    """By hand, and equal to timm's own adapt_input_conv where it takes base_chans (1.0.23 does not)."""
+    from leanmim.weights.load import adapted_input_conv
+
+    weight = torch.randn(8, source, 4, 4)
+    adapted = adapted_input_conv(weight, target)
+    if target == 1:
+        assert torch.allclose(adapted, weight.sum(1, keepdim=True))     # grey = the colours' sum
+    else:                                                              # channels repeated, scaled by source / target
+        assert torch.allclose(adapted, torch.cat([weight] * 3, 1)[:, :target] * source / target)
+    try:
+        from timm.models._manipulate import adapt_input_conv
+        expected = adapt_input_conv(target, weight, base_chans=source)
+    except TypeError:
+        pytest.skip("this timm's adapt_input_conv has no base_chans")
+    assert torch.equal(adapted, expected)

@@ -5,6 +5,7 @@ and notes of what was assumed (and the flag that overrides it).
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,17 @@ def check_heads(found: int | None, expected: int, what: str, flag: str, source: 
         raise ConfigError(f"'{source}' has {found} {what} attention heads, this model {expected}: pass {flag} {found}")
 
 
+def adapted_input_conv(weight: Tensor, in_chans: int) -> Tensor:
+    """timm's ``adapt_input_conv`` rule for a plain patch convolution: (D, C', p, p) -> (D, in_chans, p, p), summed
+    over the channels for one, else the channels repeated and scaled by C' / in_chans: timm 1.0.31's
+    ``adapt_input_conv(in_chans, weight, base_chans=C')``, written out because timm 1.0.23 (the lowest leanmim
+    declares) has no ``base_chans`` and assumes C' = 3 (a grayscale file would stay one channel for RGB data)."""
+    weight, source = weight.float(), weight.shape[1]
+    if in_chans == 1:
+        return weight.sum(dim=1, keepdim=True)
+    return weight.repeat(1, math.ceil(in_chans / source), 1, 1)[:, :in_chans] * (source / in_chans)
+
+
 def load_encoder(encoder: ViTEncoder, weights: Weights, heads_given: bool = False) -> list[str]:
     """Load the canonical encoder weights into a leanmim ``ViTEncoder``; returns notes on what was adapted.
     ``heads_given``: the head count was the user's (``--num-heads``), not an assumption (the note says so).
@@ -128,9 +140,7 @@ def load_encoder(encoder: ViTEncoder, weights: Weights, heads_given: bool = Fals
         notes.append("the weights hold no encoder position table: leanmim's fixed sin-cos table is used")
     patch = state.get("patch_embed.proj.weight")
     if patch is not None and patch.dim() == 4 and patch.shape[1] != encoder.in_chans:
-        from timm.models._manipulate import adapt_input_conv
-
-        state["patch_embed.proj.weight"] = adapt_input_conv(encoder.in_chans, patch.float(), base_chans=patch.shape[1])
+        state["patch_embed.proj.weight"] = adapted_input_conv(patch, encoder.in_chans)
         notes.append(f"patch embedding adapted from {patch.shape[1]} to {encoder.in_chans} input channels (timm's rule)")
     report = fit_report(encoder, state)
     if any(report):
