@@ -73,3 +73,18 @@ def test_rows_past_the_resumed_checkpoint_are_dropped(tmp_path):
     logger.save()
     assert (tmp_path / "logs" / "metrics.csv").read_text().splitlines() == [
         "epoch,loss_step,step", "0,1.0,0", "0,0.9,1", "0,0.75,2"]
+
+
+def test_progress_counts_training_steps_not_validation_rows(tmp_path):
+    """Lightning logs training step s as step s (the (s + 1)-th optimizer step) and a validation after 9 steps as
+    step 9: the progress record (leanmim status) must say 9 steps, not 10."""
+    import json
+
+    from leanmim.train.loggers import ProgressLogger
+
+    progress = ProgressLogger(tmp_path)
+    for step in range(9):
+        progress.log_metrics({"loss_step": 1.0, "lr": 1e-3}, step=step)
+    progress.log_metrics({"val_top1": 0.5}, step=9)
+    progress._write(force=True)
+    assert json.loads((tmp_path / "summary.json").read_text())["progress"]["step"] == 9

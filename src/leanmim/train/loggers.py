@@ -157,7 +157,8 @@ class ProgressLogger(Logger):
             self.progress["loss"] = float(loss)
         if metrics.get("img_per_s") is not None:
             self.progress["images_per_second"] = round(float(metrics["img_per_s"]), 1)
-        self.progress["step"] = max(step, self.progress.get("step", 0))
+        if "loss_step" in metrics or "lr" in metrics:   # a training step's row (validation rows carry the step count)
+            self.progress["step"] = max(step, self.progress.get("step", 0))
         self._write()
 
     @rank_zero_only
