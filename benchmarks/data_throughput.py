@@ -15,10 +15,10 @@ saved at quality 90 — about the size and JPEG cost of a typical ImageNet photo
 
 Each configuration reads the images through leanmim's own loaders (``ImageFileDataset`` in GlobalBatchSampler
 order for the folder, ``ShardSource.loader`` for the shards) at 224 px, batch 64, and reports images/s over
-``--images`` images after one warm-up batch per worker. The breakdown times the same steps on one thread without a
-DataLoader, including the worker's collation of a batch into new shared memory (as DataLoader workers do); "rest"
-is the remainder of the measured per-image time (transfer, index traffic, Python). Run it on a quiet machine: the
-figures are wall-clock rates.
+``--images`` images after one warm-up batch per worker, the best of REPEATS (3) interleaved runs. The breakdown
+times the same steps on one thread without a DataLoader (best of 3 passes), including the worker's collation of a
+batch into new shared memory (as DataLoader workers do); "rest" is the remainder of the measured per-image time
+(transfer, index traffic, Python). Run it on a quiet machine: the figures are wall-clock rates.
 
     python benchmarks/data_throughput.py --images 1024 --workers 1 --out benchmarks/results/data_throughput.json
 
@@ -108,13 +108,19 @@ def pillow_decoding():
         common.decode_jpeg = saved
 
 
+REPEATS = 3  # each figure is the best of this many runs (interleaved): on a shared machine, the least disturbed
+
+
 def per_image_ms(step, items) -> float:
-    """Mean milliseconds of ``step(item)`` over ``items``, after one untimed call."""
+    """Milliseconds per item of ``step(item)`` over ``items``, after one untimed call; the best of REPEATS passes."""
     step(items[0])
-    start = time.perf_counter()
-    for item in items:
-        step(item)
-    return (time.perf_counter() - start) * 1000 / len(items)
+    best = math.inf
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        for item in items:
+            step(item)
+        best = min(best, (time.perf_counter() - start) * 1000 / len(items))
+    return best
 
 
 def shared_collate(items: list[torch.Tensor]) -> torch.Tensor:
@@ -192,19 +198,26 @@ def main() -> None:
                "cpu_count": len(os.sched_getaffinity(0)), "rows": []}
     files = list_images(str(photos))
     urls = open_shards(str(shards)).splits["train"]
+    results["repeats"] = REPEATS
     for workers in [int(w) for w in args.workers.split(",")]:
-        for source, path, context, loader in loaders(files, urls, workers, crop, before):
-            with context():
-                images_per_second = rate(loader, args.images)
+        configurations = list(loaders(files, urls, workers, crop, before))
+        runs = {(source, path): [] for source, path, _, _ in configurations}
+        for _ in range(REPEATS):  # interleaved, so that a busy spell on a shared machine hits every path alike
+            for source, path, context, loader in configurations:
+                with context():
+                    runs[source, path].append(rate(loader, args.images))
+        for (source, path), rates in runs.items():
+            images_per_second = max(rates)
             per_worker = images_per_second / workers
             row = {"source": source, "path": path, "workers": workers,
                    "images_per_second": round(images_per_second, 1), "per_worker": round(per_worker, 1),
-                   "ms_per_image_per_worker": round(1000 / per_worker, 3),
-                   "loader_cores_for_one_gpu": math.ceil(args.gpu_rate / per_worker)}
+                   "all_runs": [round(r, 1) for r in rates], "ms_per_image_per_worker": round(1000 / per_worker, 3),
+                   "loader_cores_for_one_gpu": math.ceil(args.gpu_rate / per_worker),
+                   "cores_busy_at_gpu_rate": round(args.gpu_rate / per_worker, 2)}
             results["rows"].append(row)
             print(f"{source:<7} {path:<7} {workers} worker(s): {row['images_per_second']:7.1f} img/s "
-                  f"({row['per_worker']:.1f} per worker) -> {row['loader_cores_for_one_gpu']} loader cores per GPU "
-                  f"at {args.gpu_rate:.0f} img/s")
+                  f"({row['per_worker']:.1f} per worker, best of {row['all_runs']}) -> {row['loader_cores_for_one_gpu']} loader "
+                  f"core(s) per GPU at {args.gpu_rate:.0f} img/s ({row['cores_busy_at_gpu_rate']:.2f} busy)")
     steps = breakdown(files, args.images, crop, before)
     one_worker = {(r["source"], r["path"]): r for r in results["rows"] if r["workers"] == 1}
     for path, parts in steps.items():
