@@ -375,7 +375,9 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     module.on_epoch_evaluated = lambda current: write_json(out / RESULTS_FILE, describe(current))
     datamodule = FinetuneData(subsets, settings, in_memory)
     started = time.perf_counter()
-    with fitting(trainer, resume_from, ".*module\\(s\\) in eval mode.*"):   # the EMA copy is in eval mode by design
+    # the EMA copy is in eval mode by design; a mid-epoch resume skips the batches trained (FinetuneData.resume_at)
+    with fitting(trainer, resume_from, ".*module\\(s\\) in eval mode.*",
+                 ".*resuming from a checkpoint that ended before the epoch ended.*"):
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         results = {**describe(module), **session_record(trainer, resume_from, started)}
         if trainer.current_epoch >= settings.epochs and module.history:  # finished: the test split, once each
