@@ -59,3 +59,26 @@ def test_pip_install_editable_plans_no_torch(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     planned = [item["metadata"]["name"].lower() for item in json.loads(report.read_text())["install"]]
     assert planned == ["leanmim"], planned
+
+
+def test_timm_and_lightning_bounds_exclude_the_releases_leanmim_cannot_run_on():
+    """The lowest timm and Lightning declared are the lowest that run the suite (docs/install.md): timm 1.0.23 is
+    the first whose ``Block`` takes ``attn_layer`` and whose ``Attention`` has ``attn_dim`` (parts/relpos.py; 1.0.15
+    has no ``timm.layers.Attention`` at all), Lightning 2.6.0 the first whose ``Trainer.fit`` / ``validate`` take
+    ``weights_only`` (every leanmim resume passes it). The installed ones have what the bounds stand for."""
+    import inspect
+
+    from lightning import Trainer
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    deps = dependencies()
+    timm_spec, lightning_spec = deps["timm"].specifier, deps["lightning"].specifier
+    assert not timm_spec.contains(Version("1.0.22")) and timm_spec.contains(Version("1.0.23")), timm_spec
+    assert not lightning_spec.contains(Version("2.5.6")) and lightning_spec.contains(Version("2.6.0")), lightning_spec
+    assert "attn_layer" in inspect.signature(Block.__init__).parameters
+    assert hasattr(Attention(32, 2), "attn_dim")
+    for method in (Trainer.fit, Trainer.validate):
+        assert "weights_only" in inspect.signature(method).parameters
+    install = (ROOT / "docs" / "install.md").read_text()
+    assert f"timm{timm_spec}" in install.replace(" ", "") and f"lightning{lightning_spec}" in install.replace(" ", "")
