@@ -5,7 +5,8 @@
     folder.py        a directory of image files (in memory as whole images, or decoded on access)
     shards.py        WebDataset shards, streamed (per rank and worker, shuffle buffer, exact resume)
     shard_writer.py  ``leanmim shard``: shards + manifest from a folder or Fashion-MNIST
-    augment.py       RandomResizedCrop + flip + normalize, batched (in memory) or per sample (streamed)
+    augment.py       RandomResizedCrop + flip + normalize: batched on the device (in memory), or a uint8 crop
+                     in the loader worker + flip and normalize batched on the device (streamed)
     pretrain.py      MIMData / build_pretrain_data: what the engine trains on
     labelled.py      LabelledSplits / build_labelled_splits: what probing and fine-tuning read
     splits.py        train/validation/test carving (seeded, stratified), label-efficiency subsets
@@ -13,14 +14,14 @@
     common.py        DataError, decoding one image (EXIF orientation applied), in-memory datasets, statistics
 """
 
-from .augment import BatchEvalTransform, BatchMIMAugment, denormalize
+from .augment import BatchEvalTransform, BatchFlipNormalize, BatchMIMAugment, WorkerCrop, denormalize
 from .common import DataError, TensorImages, load_image, stored_size
 from .folder import ImageFileDataset, WholeImages
 from .idx import (FASHION_MNIST_ALIASES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_MEAN,
                   FASHION_MNIST_STD, read_idx)
 from .labelled import LabelledSplits, build_labelled_splits
 from .pretrain import MIMData, build_pretrain_data
-from .sampler import GlobalBatchSampler
+from .sampler import GlobalBatchSampler, SampleIndex
 from .shard_writer import write_shards
 from .shards import ShardSource
 from .source import default_channels, default_img_size
@@ -30,5 +31,5 @@ __all__ = [
     "build_pretrain_data", "build_labelled_splits", "default_channels", "default_img_size",
     "denormalize", "read_idx", "load_image", "stored_size", "FASHION_MNIST_DIR", "FASHION_MNIST_ALIASES",
     "FASHION_MNIST_CLASSES", "TensorImages", "ImageFileDataset", "WholeImages", "ShardSource", "write_shards",
-    "GlobalBatchSampler",
+    "GlobalBatchSampler", "SampleIndex", "BatchFlipNormalize", "WorkerCrop",
 ]
