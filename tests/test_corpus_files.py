@@ -163,3 +163,89 @@ def test_a_finetune_whose_loss_diverges_stops_before_a_checkpoint_holds_it(tiny_
     with pytest.raises(NonFiniteLossError, match=r"at step 2 .*fine-tune's identity.*another --out"):
         api.finetune(run, out=str(tmp_path / "ft"), epochs=2, batch_size=32, precision="32", progress_bar=False)
     assert not list((tmp_path / "ft").glob("checkpoints/*.ckpt"))   # diverged in epoch 1: no checkpoint holds it
+
+
+class Zeros:
+    """A file of ``size`` zero bytes that is never held in memory (tarfile reads it in chunks)."""
+
+    def __init__(self, size: int):
+        self.left = size
+
+    def read(self, count: int = -1) -> bytes:
+        count = self.left if count is None or count < 0 else min(count, self.left)
+        self.left -= count
+        return bytes(count)
+
+
+def test_a_tar_member_bomb_is_skipped_unread_and_counted(tmp_path):
+    """A small .tar.gz holding a member that expands past the member limit (zeros compress ~1000:1): skipped from
+    its tar header, without being read into memory; the shard's other samples are read; the skip is counted."""
+    import io
+    import resource
+    import tarfile
+
+    from leanmim.data.common import SkipLog
+    from leanmim.data.shards import MAX_MEMBER_BYTES, raw_samples
+
+    picture = io.BytesIO()
+    Image.new("L", (8, 8), color=7).save(picture, format="PNG")
+    shard = tmp_path / "bomb-000000.tar.gz"
+    with tarfile.open(shard, "w:gz", compresslevel=1) as archive:
+        for name, size, source in (("a.png", len(picture.getvalue()), io.BytesIO(picture.getvalue())),
+                                   ("b.png", MAX_MEMBER_BYTES + 1, Zeros(MAX_MEMBER_BYTES + 1)),
+                                   ("c.png", len(picture.getvalue()), io.BytesIO(picture.getvalue()))):
+            info = tarfile.TarInfo(name)
+            info.size = size
+            archive.addfile(info, source)
+    assert shard.stat().st_size < 2 << 20          # a few hundred kB on disk
+    log = SkipLog()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.warns(UserWarning, match="member 'b.png' holds 256 MiB, over the 256 MiB"):
+        keys = [sample["__key__"] for sample in raw_samples([str(shard)], log)]
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert keys == ["a", "c"] and log.names == [str(shard)]   # the other samples read; the skip counted
+    assert grown_mib < 100, f"the process grew {grown_mib:.0f} MiB reading a shard with a skipped member"
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda m: m["stats"]["1"].update(std=[0.0]), "std of 0"),
+    (lambda m: m.update(channels=2), "channels 2 is not 1 or 3"),
+    (lambda m: m.update(img_size=-4), "img_size -4"),
+    (lambda m: m["splits"].update(validation=m["splits"]["train"]), "split 'validation'"),
+    (lambda m: m["splits"]["train"]["shards"][0].update(name="../x.tar"), "not a file name"),
+    (lambda m: m["splits"]["train"].update(count=10 ** 6), "not the sum of its shards"),
+    (lambda m: m.update(classes=["a", "a"]), "distinct"),
+])
+def test_a_manifest_that_would_train_wrong_is_one_line(tmp_path, change, message):
+    from leanmim.data import build_pretrain_data
+
+    images, out = make_folder(tmp_path / "images"), tmp_path / "shards"
+    (images / "train" / "x").mkdir(parents=True)
+    (images / "test" / "x").mkdir(parents=True)
+    for split in ("train", "test"):
+        for index in range(3):
+            Image.new("L", (12, 12), color=index * 60).save(images / split / "x" / f"{index}.png")
+    write_shards(str(images), out, shard_size=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest.setdefault("stats", {}).setdefault("1", {"mean": [0.5], "std": [0.2]})
+    change(manifest)
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=message):
+        build_pretrain_data(str(out), 8, 1)
+
+
+def test_labels_beyond_the_manifests_classes_are_one_line(tmp_path):
+    from leanmim.data import build_labelled_splits
+
+    images, out = tmp_path / "images", tmp_path / "shards"
+    for split in ("train", "test"):
+        for name in ("a", "b"):
+            (images / split / name).mkdir(parents=True)
+            for index in range(2):
+                Image.new("L", (12, 12), color=index * 90).save(images / split / name / f"{index}.png")
+    write_shards(str(images), out, shard_size=4)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["classes"] = ["a"]            # the samples say 0 and 1
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match=r"has label 1, but the manifest names 1 classes"):
+        build_labelled_splits(str(out), 8, 1)

@@ -94,7 +94,7 @@ def _shard_splits(path: str, img_size: int, in_chans: int, max_memory_bytes: int
         return TF.center_crop(image, [size, size])
 
     log = SkipLog()
-    parts = [read_split(spec.splits[split], in_chans, to_stored, log, max_memory_bytes, size)
+    parts = [read_split(spec.splits[split], in_chans, to_stored, log, max_memory_bytes, size, len(spec.classes))
              for split in ("train", "test")]
     stats = (spec.manifest or {}).get("stats", {}).get(str(in_chans))
     mean, std = (tuple(stats["mean"]), tuple(stats["std"])) if stats else channel_stats(parts[0][0])

@@ -37,6 +37,7 @@ import io
 import itertools
 import json
 import math
+import tarfile
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,7 +79,62 @@ def read_manifest(directory: str) -> dict[str, Any] | None:
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         raise DataError(f"'{path}' is not a leanmim shard manifest (format {MANIFEST_FORMAT}): "
                         "rewrite the shards with leanmim shard")
+    problem = manifest_problem(manifest)
+    if problem:
+        raise DataError(f"shard manifest '{path}': {problem}; rewrite it with leanmim shard (or repair the entry)")
     return manifest
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _finite_numbers(values: Any, length: int) -> bool:
+    return isinstance(values, list) and len(values) == length and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong in a manifest that would make training read wrong (None when nothing): its splits and shard
+    names and counts, channels, image size, classes, and per-channel statistics (a std of 0 would divide by 0)."""
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict) or not splits:
+        return "'splits' must map split names to their shards"
+    for split, entry in splits.items():
+        if split not in ("train", "test") or not isinstance(entry, dict):
+            return f"split '{split}' is not one of train, test, or is not an object"
+        shards = entry.get("shards")
+        if not isinstance(shards, list) or not shards:
+            return f"split '{split}' lists no shards"
+        for shard in shards:
+            name = shard.get("name") if isinstance(shard, dict) else None
+            if not isinstance(name, str) or os.path.basename(name) != name or name in ("", ".", ".."):
+                return f"split '{split}' lists a shard name {name!r} that is not a file name in the directory"
+            if not _count(shard.get("count")):
+                return f"shard '{name}' has count {shard.get('count')!r}, not a whole number >= 0"
+        if not _count(entry.get("count")) or entry["count"] != sum(shard["count"] for shard in shards):
+            return f"split '{split}' count {entry.get('count')!r} is not the sum of its shards' counts"
+    if manifest.get("channels") not in (None, 1, 3):
+        return f"channels {manifest.get('channels')!r} is not 1 or 3"
+    size = manifest.get("img_size")
+    if size is not None and not (_count(size) and size > 0):
+        return f"img_size {size!r} is not a positive whole number"
+    classes = manifest.get("classes")
+    if classes is not None and (not isinstance(classes, list) or not classes or
+                                not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes)):
+        return "'classes' must be a list of distinct, non-empty class names"
+    stats = manifest.get("stats", {})
+    if not isinstance(stats, dict):
+        return "'stats' must map channel counts to mean and std"
+    for chans, entry in stats.items():
+        if chans not in ("1", "3") or not isinstance(entry, dict):
+            return f"stats for {chans!r} channels: channel counts are '1' and '3'"
+        mean, std = entry.get("mean"), entry.get("std")
+        if not _finite_numbers(mean, int(chans)) or not _finite_numbers(std, int(chans)):
+            return f"stats for {chans} channel(s) need {chans} finite mean and std values"
+        if min(std) <= 0:
+            return f"stats for {chans} channel(s) have std {std}: a std of 0 or less would divide by zero"
+    return None
 
 
 MAX_SHARDS = 1_000_000  # names one pattern may expand to (ImageNet-21k at 1000 samples a shard: ~14 000)
@@ -163,9 +219,43 @@ def _skip_shard(log: SkipLog) -> Callable[[Exception], bool]:
     return handler
 
 
+MAX_MEMBER_BYTES = 256 << 20  # a tar member larger than this is skipped unread (an image file is a few MB at most)
+
+
+def bounded_members(streams: Iterator[dict[str, Any]], handler: Callable[[Exception], bool],
+                    max_bytes: int | None = None) -> Iterator[dict[str, Any]]:
+    """webdataset's ``tar_file_expander``, with every member's size checked from its tar header before it is read:
+    a member over ``max_bytes`` is skipped (and counted by ``handler``) without being held in memory, so a small
+    ``.tar.gz`` that expands to gigabytes cannot exhaust the machine. Yields {fname, data, __url__}, then an end-of-
+    shard marker ({}) per shard, as webdataset's expander does."""
+    max_bytes = MAX_MEMBER_BYTES if max_bytes is None else max_bytes
+    for source in streams:
+        url = source["url"]
+        try:
+            archive = tarfile.open(fileobj=source["stream"], mode="r|*")
+            for member in archive:
+                if not member.isreg() or re.match(r"__[^/]*__($|/)", member.name):
+                    continue
+                if member.size > max_bytes:
+                    handler(DataError(f"member '{member.name}' holds {member.size / (1 << 20):.0f} MiB, over the "
+                                      f"{max_bytes >> 20} MiB a sample member may have: skipped @ {url}"))
+                    continue
+                yield {"fname": member.name, "data": archive.extractfile(member).read(), "__url__": url}
+                archive.members = []
+            yield {}
+        except Exception as exn:  # noqa: BLE001 - a damaged shard: the handler counts it, the next shard follows
+            exn.args = (f"{exn.args[0] if exn.args else exn} @ {url}",) + tuple(exn.args[1:])
+            if not handler(exn):
+                break
+
+
 def raw_samples(urls: list[str], log: SkipLog) -> Iterator[dict[str, Any]]:
     """Undecoded samples (dicts of bytes keyed by extension, plus __key__ and __url__) of ``urls`` in order."""
-    return wds.tarfile_to_samples(handler=_skip_shard(log))(iter([{"url": url} for url in urls]))
+    from webdataset.tariterators import group_by_keys, url_opener
+
+    handler = _skip_shard(log)
+    streams = url_opener(iter([{"url": url} for url in urls]), handler=handler)
+    return group_by_keys(bounded_members(streams, handler), handler=handler)
 
 
 def sample_name(sample: dict[str, Any]) -> str:
@@ -336,7 +426,7 @@ class ShardSource:
 # ----------------------------------------------------------------------------- labelled shards in memory
 
 def read_split(urls: list[str], channels: int, to_stored: Callable[[torch.Tensor], torch.Tensor], log: SkipLog,
-               max_bytes: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+               max_bytes: int, size: int, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sample of ``urls`` in order, decoded and passed through ``to_stored`` -> (uint8 (N, C, S, S),
     int64 labels (N,)); bad samples are skipped and logged."""
     images, labels = [], []
@@ -349,6 +439,9 @@ def read_split(urls: list[str], channels: int, to_stored: Callable[[torch.Tensor
         if label is None:
             raise DataError(f"sample '{sample_name(sample)}' has no .cls label: probing and fine-tuning need labelled "
                             "shards (leanmim shard on a DIR/train/<class>/ layout or on fashion-mnist)")
+        if num_classes is not None and not 0 <= label < num_classes:
+            raise DataError(f"sample '{sample_name(sample)}' has label {label}, but the manifest names {num_classes} "
+                            f"classes (labels 0 to {num_classes - 1}): the shards and their manifest disagree")
         images.append(to_stored(image))
         labels.append(label)
         if len(images) * channels * size * size > max_bytes:

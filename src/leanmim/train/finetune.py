@@ -301,7 +301,7 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
             loaded.warn_if_unfinished("the fine-tune")
     adapted: list[str] = []   # what the start summary says was changed in the run's model
     if run is not None and settings.img_size is not None:
-        from ..weights.load import run_at_img_size
+        from ..weights import run_at_img_size
         loaded, adapted = run_at_img_size(loaded, settings.img_size)
     model = loaded.config.model
     out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)

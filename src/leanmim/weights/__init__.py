@@ -19,7 +19,7 @@ from .read import (Weights, torch_load, read_safetensors, read_hf_directory, rea
                    canonical_weights, unsupported_reason, check_transformers_config, describe_encoder)
 from .load import (grid_of, mae_interpolate_pos_embed, resized_table, load_line, fit_report, fit_error, eps_note,
                    check_heads, load_encoder, load_decoder, init_method_from, loaded_parts, check_init_from,
-                   model_from_weights, run_from_weights)
+                   model_from_weights, run_from_weights, run_at_img_size, adapted_input_conv)
 from .export import (TIMM_FORMAT, RELPOS_FORMAT, timm_state_dict, timm_create_kwargs, timm_crop_pct,
                      timm_pretrained_cfg, timm_model_args, write_safetensors, write_timm, export_encoder,
                      export_relpos_encoder, load_relpos_encoder, require_transformers, hf_vit_config, export_hf,
@@ -34,10 +34,11 @@ __all__ = ["IGNORED", "HF_RENAMES", "QKV", "DECODER_NAMES", "hf_to_canonical_nam
            "canonical_weights", "unsupported_reason", "check_transformers_config", "describe_encoder", "grid_of",
            "mae_interpolate_pos_embed", "resized_table", "load_line", "fit_report", "fit_error", "eps_note",
            "check_heads", "load_encoder", "load_decoder", "init_method_from", "loaded_parts", "check_init_from",
-           "model_from_weights", "run_from_weights", "TIMM_FORMAT", "RELPOS_FORMAT", "timm_state_dict",
-           "timm_create_kwargs", "timm_crop_pct", "timm_pretrained_cfg", "timm_model_args", "write_safetensors",
-           "write_timm", "export_encoder", "export_relpos_encoder", "load_relpos_encoder", "require_transformers",
-           "hf_vit_config", "export_hf", "export_finetuned", "write_finetuned_folder", "eval_crop_pct",
-           "STATE_PREFIX", "find_checkpoint", "read_checkpoint", "checkpoint_step", "newest_checkpoint", "LoadedRun",
-           "load_run", "unfinished_pretraining", "read_finetune_entry", "selected_checkpoint", "FinetunedRun",
-           "load_finetuned", "finetune_data_stats", "run_data_stats"]
+           "model_from_weights", "run_from_weights", "run_at_img_size", "adapted_input_conv", "TIMM_FORMAT",
+           "RELPOS_FORMAT", "timm_state_dict", "timm_create_kwargs", "timm_crop_pct", "timm_pretrained_cfg",
+           "timm_model_args", "write_safetensors", "write_timm", "export_encoder", "export_relpos_encoder",
+           "load_relpos_encoder", "require_transformers", "hf_vit_config", "export_hf", "export_finetuned",
+           "write_finetuned_folder", "eval_crop_pct", "STATE_PREFIX", "find_checkpoint", "read_checkpoint",
+           "checkpoint_step", "newest_checkpoint", "LoadedRun", "load_run", "unfinished_pretraining",
+           "read_finetune_entry", "selected_checkpoint", "FinetunedRun", "load_finetuned", "finetune_data_stats",
+           "run_data_stats"]
