@@ -255,7 +255,8 @@ def _save_jpeg(job) -> None:
 
 
 def logged_steps(run_dir: Path) -> list[dict[str, str]]:
-    """The rows of the run's CSV log (RUN/logs/metrics.csv, rewritten by each session; flushed every 100 steps)."""
+    """The rows of the run's CSV log (RUN/logs/metrics.csv: one log per run, continued by each resumed session
+    from the step it resumed at; flushed every 100 steps and when a signal stops the run)."""
     path = run_dir / "logs" / "metrics.csv"
     if not path.is_file():
         return []
@@ -317,11 +318,14 @@ def part_cli(sizes: Sizes, work: Path, step_rates: dict[int, float], batch: int,
     startup = 10.0 if sizes.device == "cpu" else 40.0     # import, data listing, statistics, first step (compilation)
     first = run_cli_until(command, run_dir, sizes.cli_seconds, box * 0.6, startup)
     saved = checkpoint_step(run_dir)
-    rates = [float(r["img_per_s"]) for r in logged_steps(run_dir) if r.get("img_per_s")]
+    first_rows = logged_steps(run_dir)
+    rates = [float(r["img_per_s"]) for r in first_rows if r.get("img_per_s")]
     rate = statistics.median(rates[len(rates) // 4:]) if rates else None     # past the start-up steps
     bare = step_rates.get(batch)
     second = run_cli_until(command, run_dir, max(2.0, sizes.cli_seconds / 6), box * 0.4, startup)
-    resumed_steps = [int(r["step"]) for r in logged_steps(run_dir) if r.get("step")]
+    # the second session's rows: those the first session had not logged (the log is one file, continued)
+    step_rows = [int(r["step"]) for r in logged_steps(run_dir) if r.get("step") and r.get("loss_step")]
+    resumed_steps = step_rows[len([r for r in first_rows if r.get("step") and r.get("loss_step")]):]
     after = checkpoint_step(run_dir)
     announced = f"(step {saved})" in second["output_tail"]     # "resumed from .../last.ckpt (step S)"
     return {

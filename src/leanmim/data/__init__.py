@@ -4,6 +4,7 @@
     idx.py           Fashion-MNIST / MNIST-format idx files (in memory)
     folder.py        a directory of image files (in memory as whole images, or decoded on access)
     shards.py        WebDataset shards, streamed (per rank and worker, shuffle buffer, exact resume)
+    manifest.py      what a shard manifest must say to be read right (refused in one line otherwise)
     shard_writer.py  ``leanmim shard``: shards + manifest from a folder or Fashion-MNIST
     augment.py       RandomResizedCrop + flip + normalize: batched on the device (in memory), or a uint8 crop
                      in the loader worker + flip and normalize batched on the device (streamed)
