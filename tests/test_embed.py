@@ -131,3 +131,58 @@ def test_embed_refuses_an_existing_file_an_empty_folder_and_a_bad_pool(pretraine
     assert "must end in .safetensors" in capsys.readouterr().err
     with pytest.raises(Exception, match="unknown --pool"):
         api.embed(pretrained, str(images), tmp_path / "p.safetensors", pool="max")
+
+
+def test_embed_reads_an_export_as_its_run_and_says_what_a_bare_weights_file_does_not_state(pretrained, images,
+                                                                                           tmp_path):
+    """An export carries its preprocessing (timm pretrained_cfg): embedding it equals embedding its run. Weights that
+    state nothing (a bare timm state dict) are embedded with the images' own mean/std and a 0.875 crop, said once."""
+    from safetensors.torch import load_file, save_file
+
+    from leanmim.data.common import channel_stats, load_image
+    from leanmim.eval.embed import EmbedInput, measured_stats
+    from leanmim.eval.predict import image_files
+
+    exported = tmp_path / "encoder.safetensors"
+    api.export(pretrained, exported)
+    with pytest.warns(UserWarning, match="--init-from: loaded"):
+        api.embed(exported, str(images), tmp_path / "from-export.safetensors")
+    api.embed(pretrained, str(images), tmp_path / "from-run.safetensors")
+    from_export, paths_export, meta_export = read_embeddings(tmp_path / "from-export.safetensors")
+    from_run, paths_run, meta_run = read_embeddings(tmp_path / "from-run.safetensors")
+    assert paths_export == paths_run and meta_export["kind"] == "weights"
+    assert meta_export["mean"] == pytest.approx(meta_run["mean"]) and meta_export["crop_pct"] == meta_run["crop_pct"]
+    assert torch.allclose(from_export, from_run, atol=1e-5)
+
+    bare = tmp_path / "bare.safetensors"
+    save_file(load_file(str(exported)), str(bare))          # the same tensors, no metadata
+    with pytest.warns(UserWarning, match="does not state its mean/std and crop: embed uses the mean/std of the "
+                                         "images embedded and a 0.875 centre crop"):
+        api.embed(bare, str(images), tmp_path / "from-bare.safetensors")
+    _, _, meta_bare = read_embeddings(tmp_path / "from-bare.safetensors")
+    files = image_files(images)
+    assert meta_bare["crop_pct"] == 0.875
+    assert meta_bare["mean"] == pytest.approx(measured_stats(EmbedInput(images, 3).stats_decoders(), 3, 16, 0.875)[0])
+    readable = [load_image(name, 3) for name in files if not name.endswith(("broken.png", "empty.jpg"))]
+    # measured on the views (resize + crop), close to the images' own statistics
+    whole = channel_stats(torch.stack([TF.center_crop(TF.resize(image, [18]), [16, 16]) for image in readable]))
+    assert meta_bare["mean"] == pytest.approx(list(whole[0]), abs=0.02)
+
+
+def test_embed_reads_shards_as_it_reads_their_folder(pretrained, folder, tmp_path):
+    """Shards hold the image files' own bytes: each sample's row equals its file's row from the folder, named
+    SHARD:KEY in the shards' order."""
+    from leanmim.data import write_shards
+
+    shards = tmp_path / "shards"
+    write_shards(str(folder), shards, shard_size=7)
+    from_shards = api.embed(pretrained, str(shards), tmp_path / "s.safetensors")
+    api.embed(pretrained, str(folder), tmp_path / "f.safetensors")
+    shard_rows, shard_names, meta = read_embeddings(tmp_path / "s.safetensors")
+    folder_rows, folder_paths, _ = read_embeddings(tmp_path / "f.safetensors")
+    assert from_shards["rows"] == len(folder_paths) == len(shard_names) and meta["skipped"] == 0
+    assert all(name.split(":")[0].endswith(".tar") for name in shard_names)
+    by_stem = {path.rsplit(".", 1)[0]: row for path, row in zip(folder_paths, folder_rows)}
+    for name, row in zip(shard_names, shard_rows):
+        shard, key = name.split(":", 1)            # e.g. train-000001.tar, cat/003: the file train/cat/003.png
+        assert torch.allclose(row, by_stem[f"{shard.split('-')[0]}/{key}"], atol=1e-5), name

@@ -256,13 +256,15 @@ def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | Non
 
 def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", batch_size: int = 64,
           overwrite: bool = False) -> dict[str, Any]:
-    """The frozen encoder's features of every image below ``data`` (a directory, recursive, or one image), written
-    atomically to ``out`` (``.safetensors``: tensor ``features`` (N, F) float32, the N image paths relative to
-    ``data`` in its metadata; read it back with :func:`leanmim.eval.embed.read_embeddings`).
+    """The frozen encoder's features of every image below ``data`` (a directory, recursive, one image, or shards),
+    written atomically to ``out`` (``.safetensors``: tensor ``features`` (N, F) float32, the N image paths relative
+    to ``data`` in its metadata; read it back with :func:`leanmim.eval.embed.read_embeddings`).
 
     ``source``: a pretraining run or a fine-tuning (directory or checkpoint), evaluated with its own preprocessing
-    (data mean/std, resize + centre crop); ``pool`` as :func:`probe`'s (mean, cls, cls+mean, tokens). Unreadable
-    images are skipped and counted; returns a summary (rows, feature_dim, skipped, skipped_examples, out)."""
+    (data mean/std, resize + centre crop); or an export or any weights ``--init-from`` reads, with the preprocessing
+    the file states (else the images' own mean/std and a 0.875 crop, said in a warning). ``pool`` as
+    :func:`probe`'s (mean, cls, cls+mean, tokens). Unreadable images are skipped and counted; returns a summary
+    (rows, feature_dim, skipped, skipped_examples, out)."""
     from .eval.embed import embed as run_embed
 
     return run_embed(source, data, out, pool=pool, batch_size=batch_size, overwrite=overwrite)

@@ -214,8 +214,10 @@ def add_use_commands(commands) -> None:
 
     embed = commands.add_parser("embed", help="features of every image of a folder from a run's frozen encoder "
                                               "(safetensors)")
-    embed.add_argument("source", help="pretraining run or fine-tuning (directory or checkpoint)")
-    embed.add_argument("--data", required=True, help="directory of images (recursive) or one image file")
+    embed.add_argument("source", help="pretraining run or fine-tuning (directory or checkpoint), an export, or any "
+                                      "weights --init-from reads (.pth/.safetensors, a timm or transformers directory)")
+    embed.add_argument("--data", required=True, help="directory of images (recursive), one image file, or shards (a "
+                                                     "directory with manifest.json, or a pattern 'DIR/train-{0..9}.tar')")
     embed.add_argument("--out", required=True, help="FILE.safetensors to write: tensor 'features' (N, F) float32, the "
                                                     "image paths (relative to --data) in its metadata")
     embed.add_argument("--pool", default="mean", choices=("mean", "cls", "cls+mean", "tokens"),

@@ -151,8 +151,9 @@ def stretch_to_uint8(samples: np.ndarray, source) -> np.ndarray:
         _WIDE_NOTED = True
         name = source if isinstance(source, str) else getattr(source, "name", "a 16-bit image")
         warnings.warn(f"16-bit images (e.g. '{name}', values {low:.0f}-{high:.0f}): each is stretched from its own "
-                      f"min-max to 8 bits (0-255), not divided by 257; convert them to 8 bits first to choose "
-                      f"another mapping", stacklevel=3)
+                      f"min-max to 8 bits (0-255), not divided by 257, so intensities are not comparable between "
+                      f"images (calibrated data such as CT: convert them to 8 bits first with one fixed range)",
+                      stacklevel=3)
     if high <= low:
         return np.zeros(samples.shape, dtype=np.uint8)
     return np.rint((wide - low) * (255.0 / (high - low))).astype(np.uint8)

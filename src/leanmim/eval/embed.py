@@ -1,4 +1,4 @@
-"""``leanmim embed``: the frozen encoder's features of every image of a folder, into one safetensors file.
+"""``leanmim embed``: the frozen encoder's features of every image of a folder (or sample of shards), into one file.
 
 One image, as the run evaluates it (the same listing, decoding and view as ``leanmim predict``)::
 
@@ -7,32 +7,37 @@ One image, as the run evaluates it (the same listing, decoding and view as ``lea
     batch (B, C, S, S) ─▶ encoder.forward_features (B, 1 + L, D) ─▶ pool ─▶ (B, F) float32
 
 ``crop_pct``: a fine-tuning's recorded evaluation view; for a pretraining the view its probe uses on that kind of
-data (8/7 resize + centre crop for folders and folder shards, plain resize for idx data). ``pool`` as the probe's:
+data (8/7 resize + centre crop for folders and folder shards, plain resize for idx data); for an export or other
+weights file, what it states (timm ``pretrained_cfg``, transformers ``preprocessor_config.json``), else 0.875 and
+the mean/std of the images embedded (one warning says so). ``pool`` as the probe's:
 ``mean`` of the patch tokens (D), ``cls`` token (D), ``cls+mean`` (2·D) or ``tokens`` (L·D, grid order). For a
 fine-tuning, the pool it was fine-tuned with gives the head's input (``fc_norm`` included for ``mean``; with its
 ``--token-drop``); another pool reads its encoder's tokens as they come out (a ``mean`` fine-tuning's encoder has
 no final norm: fine-tuning replaced it by ``fc_norm``).
 
 The file: tensor ``features`` (N, F) float32, row i the image ``paths[i]``; the metadata (JSON strings) holds
-``paths`` (relative to ``--data``, sorted as listed), ``root``, ``pool``, ``source``, ``checkpoint``, ``kind``,
+``paths`` (relative to ``--data``, sorted as listed; for shards ``SHARD:KEY`` in stream order), ``root``, ``pool``,
+``source``, ``checkpoint``, ``kind``,
 ``method``, ``model``, ``img_size``, ``crop_pct``, ``mean``, ``std``, ``skipped`` (the unreadable files' count).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
 from ..parts.encoder import pool_features
-from .predict import eval_view, image_files, read_batches
+from .predict import eval_view, image_files, item_batches
 
 EMBED_POOLS = ("mean", "cls", "cls+mean", "tokens")
 EMBED_FORMAT = "leanmim.embeddings"
@@ -44,7 +49,7 @@ MAX_PATHS_BYTES = 90_000_000
 class FeatureSource:
     """A run's encoder ready to embed: ``features`` maps normalised views (B, C, S, S) to pooled features (B, F);
     the view is ``config.model.img_size`` after resizing to round(img_size / crop_pct), normalised by mean/std."""
-    kind: str                           # "pretrain" or "finetune"
+    kind: str                           # "pretrain", "finetune" or "weights" (an export or --init-from layout)
     module: nn.Module                   # what ``features`` runs (moved to the device)
     features: Callable[[Tensor], Tensor]
     config: RunConfig                   # the pretraining's (resolved)
@@ -55,11 +60,125 @@ class FeatureSource:
     global_step: int
 
 
-def feature_source(source: str | Path, pool: str) -> FeatureSource:
-    """Load ``source`` (a pretraining run or a fine-tuning, directory or checkpoint) for embedding with ``pool``."""
+WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
+
+
+def is_weights_source(source: str | Path) -> bool:
+    """A weights file or model directory (an export, timm/transformers/MAE-reference weights), not a leanmim run."""
+    path = Path(source).expanduser()
+    return (path.is_file() and path.suffix in WEIGHT_SUFFIXES) or (path.is_dir() and (path / "config.json").is_file()
+                                                                  and not (path / "run.json").is_file())
+
+
+def weights_feature_source(source: str | Path, pool: str, data: str) -> FeatureSource:
+    """An export or any ``--init-from`` layout as an encoder (read as ``finetune --init-from`` reads it: one load
+    line); its normalisation and crop as the file states them (timm ``pretrained_cfg``, transformers
+    ``preprocessor_config.json``), else the mean/std of the images embedded and a 0.875 crop, said in one warning."""
+    from ..weights import run_from_weights
+    from ..weights.read import stated_preprocessing
+
+    loaded = run_from_weights(source, data)
+    stated = stated_preprocessing(source)
+    encoder = loaded.method.encoder
+    mean, std = stated.get("mean"), stated.get("std")
+    channels = loaded.config.model.in_chans
+    if mean is not None and (len(mean) != channels or len(std or []) != channels):
+        mean = std = None   # stated for other channels (e.g. an RGB export read as grayscale): measure instead
+    crop_pct = stated.get("crop_pct", 0.875)
+    assumed = [what for what, given in (("mean/std", mean), ("crop", stated.get("crop_pct"))) if given is None]
+    if assumed:
+        warnings.warn(f"'{source}' does not state its {' and '.join(assumed)}: embed uses "
+                      + ("the mean/std of the images embedded" if mean is None else "")
+                      + (" and " if mean is None and "crop" in assumed else "")
+                      + ("a 0.875 centre crop (timm's default)" if "crop" in assumed else "")
+                      + "; the features of weights trained on other data are only comparable with that data's "
+                        "normalisation", stacklevel=2)
+    return FeatureSource("weights", encoder, lambda images: pool_features(encoder.forward_features(images), pool),
+                         loaded.config, crop_pct, mean, std, loaded.checkpoint_path, 0)
+
+
+def measured_stats(decoders: list[Callable[[], Tensor]], channels: int, img_size: int,
+                   crop_pct: float) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (in [0, 1]) of the readable images of ``decoders`` (each gives a uint8 (C, H, W)
+    image), as the evaluation view sees them (resized and centre-cropped)."""
+    from ..data.common import channel_stats
+
+    views, first_error = [], None
+    for decode in decoders:
+        try:
+            image = decode()
+        except Exception as err:  # noqa: BLE001 - unreadable: counted when embedded
+            first_error = first_error or err
+            continue
+        views.append(eval_view(image, img_size, crop_pct, [0.0] * channels, [1.0 / 255] * channels).round()
+                     .clamp(0, 255).to(torch.uint8))
+    if not views:
+        raise ConfigError(f"none of the {len(decoders)} images could be read to measure their mean/std "
+                          f"(e.g. {type(first_error).__name__}: {first_error})")
+    mean, std = channel_stats(torch.stack(views))
+    return list(mean), list(std)
+
+
+STATS_IMAGES = 256   # images a weights file's missing mean/std is measured on
+
+
+class EmbedInput:
+    """What ``--data`` names, as (name, decode) pairs in order: the image files below a directory (names relative
+    to it), or the samples of shards (a manifest directory or a pattern; names ``SHARD:KEY``)."""
+
+    def __init__(self, data: str, channels: int):
+        from ..data.shards import is_shard_dir, looks_like_shards
+
+        self.data, self.channels = str(data), channels
+        path = Path(data).expanduser()
+        self.shards = (path.is_dir() and is_shard_dir(str(path))) or (not path.exists()
+                                                                      and looks_like_shards(str(data)))
+        if self.shards:
+            from ..data.shards import open_shards
+
+            spec = open_shards(str(data))
+            self.urls = [url for urls in spec.splits.values() for url in urls]
+            self.stats = ((spec.manifest or {}).get("stats") or {}).get(str(channels))
+            self.root = str(path.resolve()) if path.is_dir() else str(data)
+        else:
+            self.files = image_files(data)   # an empty folder: one DataError line
+            self.root = str(path.resolve())
+
+    def items(self) -> Iterator[tuple[str, Callable[[], Tensor]]]:
+        from ..data.common import SkipLog, load_image
+
+        if not self.shards:
+            for name, relative in zip(self.files, relative_paths(self.files, self.data)):
+                yield relative, functools.partial(load_image, name, self.channels)
+            return
+        from ..data.shards import decode_sample, raw_samples
+
+        log = SkipLog()   # a damaged shard: warned and skipped by the stream, counted here by its name
+        for sample in raw_samples(self.urls, log):
+            url = sample["__url__"]
+            shard = os.path.relpath(url, self.root) if os.path.isdir(self.root) else url
+            name = f"{shard}:{sample.get('__key__', '?')}"
+            yield name, functools.partial(lambda s: decode_sample(s, self.channels)[0], sample)
+
+    def stats_decoders(self) -> list[Callable[[], Tensor]]:
+        """Decoders of up to STATS_IMAGES images: evenly spread files, or the first samples of the shards."""
+        from ..data.common import spread
+
+        if not self.shards:
+            from ..data.common import load_image
+            return [functools.partial(load_image, self.files[i], self.channels)
+                    for i in spread(len(self.files), STATS_IMAGES)]
+        return [decode for _, decode in itertools.islice(self.items(), STATS_IMAGES)]
+
+
+def feature_source(source: str | Path, pool: str, data: str | None = None) -> FeatureSource:
+    """Load ``source`` for embedding with ``pool``: a pretraining run or a fine-tuning (directory or checkpoint), or a
+    weights file or model directory (:func:`weights_feature_source`; ``data`` picks its channels)."""
     from ..weights import finetune_data_stats, load_finetuned, load_run, read_finetune_entry, run_data_stats
     from ..weights.export import pretraining_crop_pct
 
+    if is_weights_source(source):
+        return weights_feature_source(source, pool, data or "fashion-mnist")
     if read_finetune_entry(source) is not None:
         tuned = load_finetuned(source)
         classifier = tuned.classifier
@@ -100,12 +219,18 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
     if batch_size < 1:
         raise ConfigError(f"--batch-size must be at least 1, got {batch_size}")
     check_output_file(out, overwrite, suffixes=(".safetensors",))
-    files = image_files(data)   # an empty folder: one DataError line
-    if len(json.dumps(json.dumps(relative_paths(files, data)))) > MAX_PATHS_BYTES:
-        raise ConfigError(f"the {len(files)} image paths under '{data}' are too many for one file's metadata "
-                          f"(safetensors headers stay under 100 MB): embed its subfolders one by one")
-    found = feature_source(source, pool)
+    found = feature_source(source, pool, str(data))
     model = found.config.model
+    inputs = EmbedInput(data, model.in_chans)
+    if not inputs.shards and len(json.dumps(json.dumps(relative_paths(inputs.files, data)))) > MAX_PATHS_BYTES:
+        raise ConfigError(f"the {len(inputs.files)} image paths under '{data}' are too many for one file's metadata "
+                          f"(safetensors headers stay under 100 MB): embed its subfolders one by one")
+    if found.kind == "weights" and found.mean is None:
+        if inputs.shards and inputs.stats:   # the shards' manifest states what the images are
+            found.mean, found.std = list(inputs.stats["mean"]), list(inputs.stats["std"])
+        else:
+            found.mean, found.std = measured_stats(inputs.stats_decoders(), model.in_chans, model.img_size,
+                                                   found.crop_pct)
     if not (found.mean and found.std):
         raise ConfigError(f"'{found.checkpoint}' has no recorded data mean/std (an older run): embed cannot "
                           f"reproduce its normalisation")
@@ -115,16 +240,19 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
     rows: list[Tensor] = []      # (B, F) per batch, on the CPU
     names: list[str] = []
     skipped: list[str] = []
-    for batch_files, images, bad in read_batches(files, model.in_chans, batch_size, view, warn=False):
+    for batch_names, images, bad in item_batches(inputs.items(), batch_size, view, warn=False):
         skipped += bad
-        if batch_files:
+        if batch_names:
             rows.append(found.features(images.to(device)).float().cpu())
-            names += batch_files
+            names += batch_names
     if not names:
-        raise ConfigError(f"none of the {len(files)} images under '{data}' could be read (all skipped)")
+        what = "samples of the shards" if inputs.shards else f"{len(inputs.files)} images"
+        raise ConfigError(f"none of the {what} under '{data}' could be read (all skipped)")
+    if len(json.dumps(json.dumps(names))) > MAX_PATHS_BYTES:
+        raise ConfigError(f"the {len(names)} sample names of '{data}' are too many for one file's metadata "
+                          f"(safetensors headers stay under 100 MB): embed fewer shards at a time")
     matrix = torch.cat(rows)     # (N, F)
-    metadata = {"format": EMBED_FORMAT, "paths": relative_paths(names, data),
-                "root": str(Path(data).expanduser().resolve()), "pool": pool, "source": str(source),
+    metadata = {"format": EMBED_FORMAT, "paths": names, "root": inputs.root, "pool": pool, "source": str(source),
                 "checkpoint": str(found.checkpoint), "kind": found.kind, "method": found.config.method,
                 "model": model.name, "img_size": model.img_size, "crop_pct": found.crop_pct,
                 "mean": [float(v) for v in found.mean], "std": [float(v) for v in found.std],

@@ -17,10 +17,12 @@ skipped, warned about and counted.
 from __future__ import annotations
 
 import csv
+import functools
 import io
+import itertools
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -56,18 +58,31 @@ def read_batches(files: list[str], channels: int, batch_size: int, view,
                  warn: bool = True) -> Iterator[tuple[list[str], Tensor, list[str]]]:
     """(names, views (B, C, S, S), skipped names) per batch of ``batch_size`` files; unreadable files skipped (with
     ``warn``, one warning each naming the reason)."""
-    from ..data.common import load_image, one_line, warn_skip
+    from ..data.common import load_image
 
-    for start in range(0, len(files), batch_size):
+    return item_batches(((name, functools.partial(load_image, name, channels)) for name in files), batch_size, view,
+                        warn)
+
+
+def item_batches(items: Iterable[tuple[str, Callable[[], Tensor]]], batch_size: int, view,
+                 warn: bool = True) -> Iterator[tuple[list[str], Tensor, list[str]]]:
+    """:func:`read_batches` over (name, decode) pairs: ``decode()`` gives the uint8 (C, H, W) image or raises (a
+    file to open, a shard sample to decode); the pairs may be a stream (shards are read once, in order)."""
+    from ..data.common import one_line, warn_skip
+
+    items = iter(items)
+    while True:
         names, views, skipped = [], [], []
-        for name in files[start:start + batch_size]:
+        for name, decode in itertools.islice(items, batch_size):
             try:
-                views.append(view(load_image(name, channels)))
+                views.append(view(decode()))
                 names.append(name)
-            except Exception as err:  # noqa: BLE001 - any decoder error: skip the file, count it
+            except Exception as err:  # noqa: BLE001 - any decoder error: skip the image, count it
                 if warn:
                     warn_skip(name, one_line(err))
                 skipped.append(name)
+        if not names and not skipped:
+            return
         yield names, torch.stack(views) if views else torch.empty(0), skipped
 
 

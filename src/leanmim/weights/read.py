@@ -224,3 +224,49 @@ def check_transformers_config(weights: Weights) -> None:
     if weights.config.get("qkv_bias") is False:
         raise ConfigError(f"'{weights.source}' states qkv_bias false: leanmim's ViT blocks have a qkv bias, "
                           f"so it cannot be loaded")
+
+
+def stated_preprocessing(path: str | Path) -> dict[str, Any]:
+    """The evaluation preprocessing a weights file or directory states about itself: ``mean``, ``std`` (lists) and
+    ``crop_pct``, each present only when the file says it. Read from a timm ``pretrained_cfg`` (leanmim's and timm's
+    exports: safetensors metadata or a local-dir ``config.json``) or a transformers ``preprocessor_config.json``."""
+    source = Path(path).expanduser()
+    cfg: dict[str, Any] = {}
+    if source.is_file() and source.suffix == ".safetensors":
+        stated = read_safetensors_metadata(source).get("pretrained_cfg")
+        try:
+            cfg = json.loads(stated) if isinstance(stated, str) else {}
+        except ValueError:
+            cfg = {}
+    elif source.is_dir() and (source / "config.json").is_file():
+        cfg = read_json_config(source / "config.json").get("pretrained_cfg") or {}
+        processor = source / "preprocessor_config.json"
+        if not cfg and processor.is_file():
+            settings = read_json_config(processor)
+            cfg = {"mean": settings.get("image_mean"), "std": settings.get("image_std")}
+            size, crop = settings.get("size"), settings.get("crop_size")
+            edge = size.get("shortest_edge") if isinstance(size, dict) else size
+            side = crop.get("height") if isinstance(crop, dict) else crop
+            if settings.get("do_center_crop") and isinstance(edge, (int, float)) and isinstance(side, (int, float)):
+                cfg["crop_pct"] = side / edge
+    found: dict[str, Any] = {}
+    if isinstance(cfg, dict):
+        for key in ("mean", "std"):
+            values = cfg.get(key)
+            if isinstance(values, (list, tuple)) and values and all(isinstance(v, (int, float)) for v in values):
+                found[key] = [float(v) for v in values]
+        crop = cfg.get("crop_pct")
+        if isinstance(crop, (int, float)) and 0 < crop <= 1:
+            found["crop_pct"] = float(crop)
+    return found
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"'{path}' is not a readable safetensors file ({str(err)[:100]})") from None
