@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from leanmim.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 
@@ -86,3 +87,16 @@ def tiny_run_config(data: Path, out: Path, method: str = "mae", options=None, **
     train_values.update(train)
     return RunConfig(method=method, model=tiny_model(), data=DataConfig(path=str(data)),
                      train=TrainConfig(**train_values), options=dict(options or {}))
+
+
+def assert_same_training_state(first: Path, second: Path) -> None:
+    """Two checkpoints hold the same training state, tensor by tensor (``torch.equal``): every weight and every
+    optimizer moment (a resumed run against an uninterrupted one)."""
+    a, b = (torch.load(path, map_location="cpu", weights_only=True) for path in (first, second))
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    moments, again = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert moments.keys() == again.keys()
+    for index in moments:
+        for name in moments[index]:
+            assert torch.equal(moments[index][name], again[index][name]), (index, name)

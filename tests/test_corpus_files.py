@@ -249,3 +249,21 @@ def test_labels_beyond_the_manifests_classes_are_one_line(tmp_path):
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"has label 1, but the manifest names 1 classes"):
         build_labelled_splits(str(out), 8, 1)
+
+
+def test_running_out_of_memory_on_the_cpu_is_one_line(monkeypatch, capsys):
+    """torch's CPU allocator says "can't allocate memory" (not "out of memory", as CUDA does): e.g. `cost --depth
+    99999999999` asked for 400 GB. Both are the out-of-memory line."""
+    from leanmim import api
+    from leanmim.cli import main
+
+    for message in ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you "
+                    "tried to allocate 399999999996 bytes", "CUDA out of memory. Tried to allocate 2.00 GiB"):
+        def failing(*_, **__):
+            raise RuntimeError(message)
+
+        monkeypatch.setattr(api, "cost", failing)
+        assert main(["cost", "--model", "vit_tiny_patch16"]) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("leanmim")]
+        assert lines == ["leanmim: error: out of memory: lower --batch-size or the model's size (--embed-dim, "
+                         "--depth, --img-size), or --max-memory-gb for the data"]

@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import assert_same_training_state, tiny_run_config
 from leanmim.weights import load_run, read_checkpoint
 from leanmim.config import ConfigError
 from leanmim.data.sampler import GlobalBatchSampler
@@ -91,11 +91,7 @@ def test_a_stop_on_an_epochs_last_batch_resumes_exactly(tiny_data, tmp_path, sin
     stopped = read_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")
     assert stopped["global_step"] == 4 and stopped["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 0
     assert pretrain(config(tmp_path / "split"))["global_step"] == 8
-    whole, split = (read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("whole", "split"))
-    for key, value in whole["state_dict"].items():
-        assert torch.equal(value, split["state_dict"][key]), key
-    moments, again = whole["optimizer_states"][0]["state"], split["optimizer_states"][0]["state"]
-    assert all(torch.equal(moments[i][name], again[i][name]) for i in moments for name in moments[i])
+    assert_same_training_state(*(tmp_path / run / "checkpoints" / "last.ckpt" for run in ("whole", "split")))
 
 
 def test_accumulation_over_a_partial_last_group_counts_lightnings_steps_and_resumes_exactly(tiny_data, tmp_path,
@@ -114,11 +110,7 @@ def test_accumulation_over_a_partial_last_group_counts_lightnings_steps_and_resu
         pretrain(config(tmp_path / "split"), callbacks=[TermAt(2)])
     assert read_checkpoint(tmp_path / "split" / "checkpoints" / "last.ckpt")["global_step"] == 3
     assert pretrain(config(tmp_path / "split"))["global_step"] == 6
-    first, second = (read_checkpoint(tmp_path / run / "checkpoints" / "last.ckpt") for run in ("whole", "split"))
-    for key, value in first["state_dict"].items():
-        assert torch.equal(value, second["state_dict"][key]), key
-    moments, again = first["optimizer_states"][0]["state"], second["optimizer_states"][0]["state"]
-    assert all(torch.equal(moments[i][name], again[i][name]) for i in moments for name in moments[i])
+    assert_same_training_state(*(tmp_path / run / "checkpoints" / "last.ckpt" for run in ("whole", "split")))
 
 
 def test_align_loops_reads_every_boundary_checkpoint_as_the_next_epochs_start():

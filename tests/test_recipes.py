@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import assert_same_training_state, tiny_run_config
 from leanmim.train.pretrain import pretrain
 from leanmim.train.trainer import TrainingInterrupted
 from test_runs import SendSignalAtStep
@@ -27,15 +27,9 @@ def test_pcae_drop_path_draws_resume_exactly(tiny_data, tmp_path, single_thread)
     assert torch.load(split / "checkpoints/last.ckpt", weights_only=True)["global_step"] == 4
     pretrain(config(split))
     whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
-    resumed = torch.load(split / "checkpoints/last.ckpt", weights_only=True)
     decoder_drop = [key for key in whole["state_dict"] if key.startswith("method.decoder.")]
     assert decoder_drop and any(key.startswith("method.teacher.") for key in whole["state_dict"])
-    for key, tensor in whole["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][key]), key
-    for (_, a), (_, b) in zip(sorted(whole["optimizer_states"][0]["state"].items()),
-                              sorted(resumed["optimizer_states"][0]["state"].items())):
-        for name in a:
-            assert torch.equal(a[name], b[name]), name
+    assert_same_training_state(tmp_path / "whole/checkpoints/last.ckpt", split / "checkpoints/last.ckpt")
 
 
 def test_pcae_drop_path_changes_training(tiny_data, tmp_path, single_thread):

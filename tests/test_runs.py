@@ -15,7 +15,7 @@ import lightning as L
 import pytest
 import torch
 
-from conftest import tiny_run_config
+from conftest import assert_same_training_state, tiny_run_config
 from leanmim.weights import newest_checkpoint
 from leanmim.config import ConfigError
 from leanmim.train.optim import resume_position
@@ -172,14 +172,7 @@ def test_mid_epoch_interruption_resumes_exactly(tiny_data, tmp_path, single_thre
     stale.write_bytes(b"partial")
     summary = pretrain(config(split))
     assert summary["global_step"] == 8 and not stale.exists()
-    whole = torch.load(tmp_path / "whole/checkpoints/last.ckpt", weights_only=True)
-    resumed = torch.load(split / "checkpoints/last.ckpt", weights_only=True)
-    for key, tensor in whole["state_dict"].items():
-        assert torch.equal(tensor, resumed["state_dict"][key]), key
-    for (_, a), (_, b) in zip(sorted(whole["optimizer_states"][0]["state"].items()),
-                              sorted(resumed["optimizer_states"][0]["state"].items())):
-        for name in a:
-            assert torch.equal(a[name], b[name]), name
+    assert_same_training_state(tmp_path / "whole/checkpoints/last.ckpt", split / "checkpoints/last.ckpt")
 
 
 def test_output_file_guard(tmp_path):

@@ -38,6 +38,7 @@ def worker_error(message: str) -> str | None:
     return f"{name.rsplit('.', 1)[-1]}: {text} (while loading data in a worker process: did the data change during the run?)"
 
 
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # torch CPU and CUDA allocators
 PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
              "Socket Timeout", "Timed out waiting", "ProcessGroupNCCL's watchdog")
 
@@ -84,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         if os.environ.get("LEANMIM_DEBUG"):
             raise
-        if isinstance(err, MemoryError) or "out of memory" in str(err).lower():
-            print("leanmim: error: out of memory: lower --batch-size (or --max-memory-gb for the data)", file=sys.stderr)
+        if isinstance(err, MemoryError) or any(marker in str(err).lower() for marker in OUT_OF_MEMORY):
+            print("leanmim: error: out of memory: lower --batch-size or the model's size (--embed-dim, --depth, "
+                  "--img-size), or --max-memory-gb for the data", file=sys.stderr)
             return 2
         if isinstance(err, OSError) and err.errno == errno.ENOSPC or "file write failed" in str(err):
             print(f"leanmim: error: no space left on the device while writing"
