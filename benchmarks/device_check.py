@@ -21,7 +21,8 @@ Parts, in order, each time-boxed (``--minutes`` scales the boxes; the default fi
 
 Writes ``device_check.json`` and ``device_check.md`` to ``--out`` (default ``benchmarks/results/device/``).
 
-On the lent H200 (its own torch/Lightning/timm; webdataset is carried as a wheel, see docs/gpu.md), one command
+On the lent H200 (its own torch/Lightning/timm, no network; make the wheels it lacks first, here:
+``pip download --no-deps -d .whl webdataset braceexpand``; see docs/gpu.md), one command
 (device tool ``run``, ``carry: [".whl"]``, ``timeout_s: 560``):
 
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:src \
