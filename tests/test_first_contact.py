@@ -78,3 +78,24 @@ def test_api_pretrain_takes_keywords(tiny_data, tmp_path):
     assert summary["global_step"] == 2
     with pytest.raises(ConfigError, match="unknown setting 'colour'"):
         api.pretrain(out=str(tmp_path / "other"), colour="red")
+
+
+def test_a_skipped_image_is_one_leanmim_warning_line_from_any_folder_of_the_package(tmp_path):
+    """Warnings raised anywhere in leanmim (here data/folder.py, decoding) print as one ``leanmim: warning:`` line,
+    not Python's ``FILE:LINE: UserWarning`` pair (the console's test of "is it leanmim's" once looked in train/ only)."""
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for index in range(12):
+        Image.fromarray(np.full((16, 16), index * 20, dtype=np.uint8)).save(images / f"{index}.png")
+    (images / "broken.png").write_bytes(b"not a picture")
+    command = [sys.executable, "-m", "leanmim", "pretrain", "--data", str(images), *TINY, "--max-steps", "1",
+               "--batch-size", "4", "--out", str(tmp_path / "run")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                            env={**os.environ, "LEANMIM_VERBOSE": ""})
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stderr.splitlines() if "broken.png" in line]
+    assert skipped and all(line.startswith("leanmim: warning: skipping unreadable image") for line in skipped), skipped
+    assert "UserWarning" not in result.stderr and "warn_skip(" not in result.stderr

@@ -63,7 +63,7 @@ def verbose() -> bool:
 def _leanmim_showwarning(message, category, filename, lineno, file=None, line=None) -> None:
     """leanmim's own warnings as one ``leanmim: warning:`` line; any other warning as Python prints it."""
     stream = file or sys.stderr
-    if Path(filename).resolve().is_relative_to(Path(__file__).resolve().parent):
+    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
         text = " ".join(str(message).split())
         try:
             stream.write(f"leanmim: warning: {text}\n")
@@ -74,6 +74,7 @@ def _leanmim_showwarning(message, category, filename, lineno, file=None, line=No
 
 
 _ORIGINAL_SHOWWARNING = warnings.showwarning
+PACKAGE_DIR = Path(__file__).resolve().parents[1]   # src/leanmim: every leanmim module, any folder
 
 
 _DEFAULT_SHOWWARNMSG = getattr(warnings, "_showwarnmsg_impl", None)
