@@ -65,7 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(only=command).parse_args(argv)
         if getattr(args, "verbose", False):  # read by leanmim.console, here and in DDP / loader child processes
             os.environ["LEANMIM_VERBOSE"] = "1"
-        return args.handler(args)
+        from ..train.console import leanmim_warnings   # after parsing: --help stays free of torch
+
+        with leanmim_warnings():
+            return args.handler(args)
     except ConfigError as err:
         print(f"leanmim: error: {one_line(err)}", file=sys.stderr)
         return 2

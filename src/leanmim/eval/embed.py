@@ -260,7 +260,7 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
     write_safetensors({"features": matrix}, Path(out), metadata)
     if skipped:
         warnings.warn(f"embed skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:3])}"
-                      f"{', ...' if len(skipped) > 3 else ''}", stacklevel=2)
+                      f"{', ...' if len(skipped) > 3 else ''}")
     return {"out": str(out), "rows": matrix.shape[0], "feature_dim": matrix.shape[1], "pool": pool,
             "skipped": len(skipped), "skipped_examples": skipped[:20], "kind": found.kind,
             "checkpoint": str(found.checkpoint), "crop_pct": found.crop_pct}

@@ -119,7 +119,7 @@ def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | Non
     classifier = loaded.classifier.to(device)
     view = lambda image: eval_view(image, model.img_size, crop_pct, stats["mean"], stats["std"])  # noqa: E731
     rows, skipped = [], []
-    for files, images, bad in read_batches(image_files(data), model.in_chans, batch_size, view):
+    for files, images, bad in read_batches(image_files(data), model.in_chans, batch_size, view, warn=False):
         skipped += bad
         if not files:
             continue
@@ -139,6 +139,7 @@ def predict(finetuning: str | Path, data: str, out: str | Path, top_k: int | Non
     writer.writerows(rows)
     atomic_write_text(Path(out), text.getvalue())
     if skipped:
-        warnings.warn(f"predict skipped {len(skipped)} unreadable image(s), e.g. '{skipped[0]}'")
+        warnings.warn(f"predict skipped {len(skipped)} unreadable image(s): {', '.join(skipped[:3])}"
+                      f"{', ...' if len(skipped) > 3 else ''}")
     return {"out": str(out), "rows": len(rows), "skipped": len(skipped), "skipped_examples": skipped[:20],
             "classes": names, "mirror_averaging": mirror, "crop_pct": crop_pct, "checkpoint": str(loaded.checkpoint_path)}

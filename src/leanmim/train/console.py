@@ -81,6 +81,16 @@ _DEFAULT_SHOWWARNMSG = getattr(warnings, "_showwarnmsg_impl", None)
 
 
 @contextlib.contextmanager
+def leanmim_warnings() -> Iterator[None]:
+    """leanmim's own warnings as one ``leanmim: warning:`` line each for the duration (not while something records
+    warnings, e.g. pytest.warns); third-party warnings unchanged. What every command runs inside."""
+    with warnings.catch_warnings():
+        if getattr(warnings, "_showwarnmsg_impl", None) is _DEFAULT_SHOWWARNMSG:
+            warnings.showwarning = _leanmim_showwarning
+        yield
+
+
+@contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the known third-party messages for the duration (unless verbose); restores everything after."""
     if verbose():
