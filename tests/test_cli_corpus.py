@@ -183,6 +183,8 @@ def corpus(data: str) -> list[tuple[list[str], str]]:
          "--steps >= 1"),
         (["cost", "--method", "nosuch"], "unknown method"),
         (["cost", "--option", "novalue"], "expects NAME=VALUE"),
+        # checked when the method is built: still before anything is written
+        ([*pre, "--batch-size", "8", "--method", "lomar", "--window-size", "5"], "window_size 5 does not fit the 4×4"),
         (["frobnicate"], "invalid choice"),
         ([], "required"),
     ]

@@ -240,6 +240,10 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
         stored = read_json_object(summary_path)
         return {**stored, "run_dir": str(run_dir), "already_finished": True}
 
+    # the method is built (and its options checked against the geometry) before anything is recorded: a refused
+    # start leaves the directory as it was; building it consumes no random draw that writing would change
+    L.seed_everything(config.train.seed, workers=True, verbose=False)
+    module = PretrainModule(config, data.batch_transform)
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
         if record is None or record.get("legacy") or record.get("identity") != identity:  # new, legacy, --extend
@@ -248,9 +252,6 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
                             if Path(config.data.path).expanduser().exists() else config.data.path,
                             "world_size": trainer.world_size, "batch_size_per_process": config.train.batch_size})
         config.save_yaml(run_dir / "config.yaml")  # atomic; rewritten when damaged (only if its text differs)
-
-    L.seed_everything(config.train.seed, workers=True, verbose=False)
-    module = PretrainModule(config, data.batch_transform)
     if initial_weights is not None:
         from ..weights import init_method_from, load_line, loaded_parts
         notes = init_method_from(module.method, initial_weights)
