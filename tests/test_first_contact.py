@@ -99,3 +99,22 @@ def test_a_skipped_image_is_one_leanmim_warning_line_from_any_folder_of_the_pack
     skipped = [line for line in result.stderr.splitlines() if "broken.png" in line]
     assert skipped and all(line.startswith("leanmim: warning: skipping unreadable image") for line in skipped), skipped
     assert "UserWarning" not in result.stderr and "warn_skip(" not in result.stderr
+
+
+def test_a_runs_config_resumes_that_run_from_any_directory(tiny_data, tmp_path, monkeypatch):
+    """`--out runs/x` typed in one directory is stored absolute in RUN/config.yaml: `--config RUN/config.yaml` from
+    elsewhere resumes (here: finds finished) that run, and starts nothing beside the caller."""
+    from leanmim import api
+
+    first, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    first.mkdir(), elsewhere.mkdir()
+    monkeypatch.chdir(first)
+    api.pretrain(data=str(tiny_data), out="runs/x", max_steps=2, batch_size=32, img_size=16, patch_size=4, embed_dim=32, depth=2,
+                 num_heads=2, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, precision="32",
+                 progress_bar=False, logger="csv")
+    stored = yaml.safe_load((first / "runs" / "x" / "config.yaml").read_text())
+    assert stored["train"]["out"] == str(first / "runs" / "x")
+    monkeypatch.chdir(elsewhere)
+    again = api.pretrain(str(first / "runs" / "x" / "config.yaml"))
+    assert again["already_finished"] and again["run_dir"] == str(first / "runs" / "x")
+    assert not list(elsewhere.iterdir())

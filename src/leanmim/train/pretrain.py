@@ -8,6 +8,7 @@ and do not depend on the number of processes, and a NaN/inf guard. What both tas
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 import warnings
 from pathlib import Path
@@ -45,9 +46,10 @@ def resolve_config(config: RunConfig) -> RunConfig:
                                   method=config.method)
     options = options_to_dict(build_options(config.method, config.options))
     train = config.train
-    if train.out is None:
-        train = type(train)(**{**train.__dict__, "out": f"runs/{config.method}-{model.name}"})
-    # stored absolute in config.yaml, so that --config RUN/config.yaml works from any directory
+    out = train.out if train.out is not None else f"runs/{config.method}-{model.name}"
+    # stored absolute in config.yaml (the data path as the user meant it, the run directory resolved), so that
+    # --config RUN/config.yaml resumes that run from any directory instead of starting one beside the caller
+    train = dataclasses.replace(train, out=os.path.abspath(os.path.expanduser(out)))
     data = dataclasses.replace(config.data, path=as_user_meant(config.data.path))
     return RunConfig(config.method, model, data, train, options)
 
