@@ -65,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = build_parser(only=command).parse_args(argv)
         if getattr(args, "verbose", False):  # read by leanmim.console, here and in DDP / loader child processes
             os.environ["LEANMIM_VERBOSE"] = "1"
-        from ..train.console import leanmim_warnings   # after parsing: --help stays free of torch
+        from ..train.messages import leanmim_warnings   # stdlib only: torch-free commands stay torch-free
 
         with leanmim_warnings():
             return args.handler(args)

@@ -10,6 +10,7 @@ The core:
                       data fingerprints, the summary, refusing to overwrite a user's files
     lock.py           one process at a time per run directory (RunLock), rank-zero detection under launchers
     console.py        what a run prints: the start summary, one progress line, quiet third-party warnings
+    messages.py       leanmim's warnings as one line each, for every command (stdlib only)
 The tasks:
     pretrain.py       PretrainModule + PretrainData around a method; ``pretrain(config)``
     finetune.py       FinetuneModule, selection on validation, test once; ``finetune(run, settings)``

@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from .messages import leanmim_showwarning, recording_warnings
 from .precision import precision_reason
 
 _VERBOSE = False
@@ -60,36 +61,6 @@ def verbose() -> bool:
     return _VERBOSE or os.environ.get("LEANMIM_VERBOSE", "") not in ("", "0")
 
 
-def _leanmim_showwarning(message, category, filename, lineno, file=None, line=None) -> None:
-    """leanmim's own warnings as one ``leanmim: warning:`` line; any other warning as Python prints it."""
-    stream = file or sys.stderr
-    if Path(filename).resolve().is_relative_to(PACKAGE_DIR):
-        text = " ".join(str(message).split())
-        try:
-            stream.write(f"leanmim: warning: {text}\n")
-        except OSError:
-            pass
-        return
-    _ORIGINAL_SHOWWARNING(message, category, filename, lineno, file, line)
-
-
-_ORIGINAL_SHOWWARNING = warnings.showwarning
-PACKAGE_DIR = Path(__file__).resolve().parents[1]   # src/leanmim: every leanmim module, any folder
-
-
-_DEFAULT_SHOWWARNMSG = getattr(warnings, "_showwarnmsg_impl", None)
-
-
-@contextlib.contextmanager
-def leanmim_warnings() -> Iterator[None]:
-    """leanmim's own warnings as one ``leanmim: warning:`` line each for the duration (not while something records
-    warnings, e.g. pytest.warns); third-party warnings unchanged. What every command runs inside."""
-    with warnings.catch_warnings():
-        if getattr(warnings, "_showwarnmsg_impl", None) is _DEFAULT_SHOWWARNMSG:
-            warnings.showwarning = _leanmim_showwarning
-        yield
-
-
 @contextlib.contextmanager
 def quiet() -> Iterator[None]:
     """Silence the known third-party messages for the duration (unless verbose); restores everything after."""
@@ -100,8 +71,8 @@ def quiet() -> Iterator[None]:
     with warnings.catch_warnings():
         for pattern in THIRD_PARTY_WARNINGS:
             warnings.filterwarnings("ignore", message=pattern)
-        if getattr(warnings, "_showwarnmsg_impl", None) is _DEFAULT_SHOWWARNMSG:   # not while someone records them
-            warnings.showwarning = _leanmim_showwarning
+        if not recording_warnings():   # not while someone records them (pytest.warns, catch_warnings(record=True))
+            warnings.showwarning = leanmim_showwarning
         for name in THIRD_PARTY_LOGGERS:
             logging.getLogger(name).setLevel(logging.WARNING)
         try:
