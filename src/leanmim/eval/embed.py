@@ -36,7 +36,15 @@ import torch
 from torch import Tensor, nn
 
 from ..config import ConfigError, RunConfig
+from ..data.common import SkipLog, channel_stats, load_image, spread
+from ..data.shards import decode_sample, is_shard_dir, looks_like_shards, open_shards, raw_samples
 from ..parts.encoder import pool_features
+from ..train.precision import default_device
+from ..train.run import check_output_file
+from ..weights import (finetune_data_stats, load_finetuned, load_run, read_finetune_entry, run_data_stats,
+                       run_from_weights)
+from ..weights.export import pretraining_crop_pct, write_safetensors
+from ..weights.read import stated_preprocessing
 from .predict import eval_view, image_files, item_batches
 
 EMBED_POOLS = ("mean", "cls", "cls+mean", "tokens")
@@ -74,8 +82,6 @@ def weights_feature_source(source: str | Path, pool: str, data: str) -> FeatureS
     """An export or any ``--init-from`` layout as an encoder (read as ``finetune --init-from`` reads it: one load
     line); its normalisation and crop as the file states them (timm ``pretrained_cfg``, transformers
     ``preprocessor_config.json``), else the mean/std of the images embedded and a 0.875 crop, said in one warning."""
-    from ..weights import run_from_weights
-    from ..weights.read import stated_preprocessing
 
     loaded = run_from_weights(source, data)
     stated = stated_preprocessing(source)
@@ -101,7 +107,6 @@ def measured_stats(decoders: list[Callable[[], Tensor]], channels: int, img_size
                    crop_pct: float) -> tuple[list[float], list[float]]:
     """Per-channel mean/std (in [0, 1]) of the readable images of ``decoders`` (each gives a uint8 (C, H, W)
     image), as the evaluation view sees them (resized and centre-cropped)."""
-    from ..data.common import channel_stats
 
     views, first_error = [], None
     for decode in decoders:
@@ -127,14 +132,12 @@ class EmbedInput:
     to it), or the samples of shards (a manifest directory or a pattern; names ``SHARD:KEY``)."""
 
     def __init__(self, data: str, channels: int):
-        from ..data.shards import is_shard_dir, looks_like_shards
 
         self.data, self.channels = str(data), channels
         path = Path(data).expanduser()
         self.shards = (path.is_dir() and is_shard_dir(str(path))) or (not path.exists()
                                                                       and looks_like_shards(str(data)))
         if self.shards:
-            from ..data.shards import open_shards
 
             spec = open_shards(str(data))
             self.urls = [url for urls in spec.splits.values() for url in urls]
@@ -145,13 +148,11 @@ class EmbedInput:
             self.root = str(path.resolve())
 
     def items(self) -> Iterator[tuple[str, Callable[[], Tensor]]]:
-        from ..data.common import SkipLog, load_image
 
         if not self.shards:
             for name, relative in zip(self.files, relative_paths(self.files, self.data)):
                 yield relative, functools.partial(load_image, name, self.channels)
             return
-        from ..data.shards import decode_sample, raw_samples
 
         log = SkipLog()   # a damaged shard: warned and skipped by the stream, counted here by its name
         for sample in raw_samples(self.urls, log):
@@ -162,10 +163,8 @@ class EmbedInput:
 
     def stats_decoders(self) -> list[Callable[[], Tensor]]:
         """Decoders of up to STATS_IMAGES images: evenly spread files, or the first samples of the shards."""
-        from ..data.common import spread
 
         if not self.shards:
-            from ..data.common import load_image
             return [functools.partial(load_image, self.files[i], self.channels)
                     for i in spread(len(self.files), STATS_IMAGES)]
         return [decode for _, decode in itertools.islice(self.items(), STATS_IMAGES)]
@@ -174,8 +173,6 @@ class EmbedInput:
 def feature_source(source: str | Path, pool: str, data: str | None = None) -> FeatureSource:
     """Load ``source`` for embedding with ``pool``: a pretraining run or a fine-tuning (directory or checkpoint), or a
     weights file or model directory (:func:`weights_feature_source`; ``data`` picks its channels)."""
-    from ..weights import finetune_data_stats, load_finetuned, load_run, read_finetune_entry, run_data_stats
-    from ..weights.export import pretraining_crop_pct
 
     if is_weights_source(source):
         return weights_feature_source(source, pool, data or "fashion-mnist")
@@ -210,9 +207,6 @@ def embed(source: str | Path, data: str, out: str | Path, pool: str = "mean", ba
     """Write ``out`` (safetensors, atomically): the pooled features (N, F) of the N readable images below ``data``,
     with their paths; unreadable images are skipped and counted (one warning names the first few). Returns a
     summary (rows, feature_dim, skipped, skipped_examples, the file's path)."""
-    from ..train.precision import default_device
-    from ..train.run import check_output_file
-    from ..weights.export import write_safetensors
 
     if pool not in EMBED_POOLS:
         raise ConfigError(f"unknown --pool '{pool}': use {', '.join(EMBED_POOLS)}")

@@ -67,15 +67,18 @@ from torch import Tensor, nn
 from .. import __version__
 from ..config import ConfigError, DataConfig, FinetuneConfig, RunConfig
 from ..data import BatchMIMAugment
-from ..files import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE
+from ..files import BEST_CHECKPOINT, CHECKPOINT_DIR, LAST_CHECKPOINT, RESULTS_FILE, remove_stale_temporaries
 from ..parts.classifier import Classifier, class_scores, initial_encoder, prepare_encoder
 from ..parts.encoder import training_attention
-from ..weights import eval_crop_pct, load_run, read_finetune_entry
-from .console import quiet
+from ..weights import (eval_crop_pct, load_run, newest_checkpoint, read_finetune_entry, run_at_img_size,
+                       run_from_weights)
+from .console import emit, finetune_summary_rows, quiet, start_summary
 from .finetune_data import FinetuneData, TrainAugment, finetune_splits
+from .lock import _HELD, hold_directory, is_launcher_rank_zero
 from .optim import adamw_warmup_cosine, layer_decay_groups
 from .precision import lightning_precision
-from .run import write_json, write_summary
+from .run import (check_run_directory, data_fingerprint, has_checkpoint, identity_of, read_run_file, write_json,
+                  write_run_file, write_summary)
 from .trainer import FiniteLossGuard, align_loops, build_trainer, fitting, session_record
 
 
@@ -241,7 +244,6 @@ def finetune_identity(settings: FinetuneConfig, loaded, data: str, precision: st
     """What defines a fine-tuning (see :mod:`leanmim.train.run`): every non-operational setting, the encoder it starts
     from (the pretraining run and its step, or the weights file), the labelled data's fingerprint and the
     resolved precision."""
-    from .run import data_fingerprint, identity_of
 
     source = loaded.checkpoint_path.resolve() if from_weights else loaded.checkpoint_path.resolve().parent.parent
     return identity_of(dataclasses.asdict(settings), {
@@ -253,9 +255,6 @@ def check_finetune_resume(out: Path, identity: dict[str, Any], extend: bool = Fa
     """The newest checkpoint in ``out`` when it continues this fine-tuning; a one-line ConfigError when ``out``
     holds anything else (another fine-tuning, other data or settings, a user's files, an older leanmim's
     test-selected fine-tuning) — the rule of :func:`leanmim.train.run.check_run_directory`."""
-    from ..files import remove_stale_temporaries
-    from ..weights import newest_checkpoint
-    from .run import check_run_directory, has_checkpoint
 
     last = out / CHECKPOINT_DIR / LAST_CHECKPOINT
     if out.is_dir() and not (out / "run.json").is_file() and last.is_file():
@@ -285,7 +284,6 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     if (run is None) == (settings.init_from is None):
         raise ConfigError("finetune starts from a pretraining run or from --init-from WEIGHTS: pass exactly one")
     if run is None:  # published weights without a leanmim run (weights.py: any layout --init-from reads)
-        from ..weights import run_from_weights
         loaded = run_from_weights(settings.init_from, settings.data or DataConfig().path, settings.num_heads,
                                   settings.img_size)   # warns its one load line
         source = Path("runs") / f"finetune-{Path(settings.init_from).name.split('.')[0]}"
@@ -301,14 +299,12 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
             loaded.warn_if_unfinished("the fine-tune")
     adapted: list[str] = []   # what the start summary says was changed in the run's model
     if run is not None and settings.img_size is not None:
-        from ..weights import run_at_img_size
         loaded, adapted = run_at_img_size(loaded, settings.img_size)
     model = loaded.config.model
     out = Path(settings.out) if settings.out else source if run is None else default_output_dir(source)
     data = settings.data or loaded.config.data.path
     precision = lightning_precision(RunConfig(train=settings.train_config(out)))
     identity = finetune_identity(settings, loaded, data, precision, from_weights=run is None)
-    from .lock import _HELD, hold_directory, is_launcher_rank_zero
     already_held = any(held._fd is not None and Path(key) == out.expanduser().resolve() for key, held in _HELD.items())
     lock = hold_directory(out) if is_launcher_rank_zero() else None  # one writer per output directory, for life
     if already_held:
@@ -334,7 +330,6 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     else:
         warnings.warn("images are streamed from disk: fine-tuning uses the evaluation transform (no augmentation)")
     out.mkdir(parents=True, exist_ok=True)
-    from .run import read_run_file, write_run_file
     record = read_run_file(out)
     if record is None or record["identity"] != identity:  # new, or extended
         write_run_file(out, "finetune", identity, {"source_checkpoint": str(loaded.checkpoint_path), "data": data})
@@ -356,7 +351,6 @@ def finetune(run: str | Path | None, settings: FinetuneConfig | None = None, cal
     module.batches_per_epoch = len(subsets.train) // (settings.batch_size * trainer.world_size)
     module.total_steps = settings.epochs * max(1, module.batches_per_epoch)
     if trainer.is_global_zero:
-        from .console import emit, finetune_summary_rows, start_summary
         emit(start_summary(finetune_summary_rows(settings, loaded, classifier, data, splits, subsets, trainer,
                                                  max(1, module.batches_per_epoch), module.total_steps, out,
                                                  resume_from, precision, adapted),

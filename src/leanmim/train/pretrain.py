@@ -29,8 +29,9 @@ from ..methods import build_method, build_options
 from ..methods.base import options_to_dict
 from ..parts.encoder import training_attention
 from ..parts.tokens import BatchRandom
-from ..weights import checkpoint_step, newest_checkpoint, read_checkpoint
-from .console import quiet
+from ..weights import (check_init_from, checkpoint_step, init_method_from, load_line, loaded_parts, newest_checkpoint,
+                       read_checkpoint, read_weights)
+from .console import emit, pretrain_summary_rows, quiet, start_summary
 from .lock import RunLock, is_launcher_rank_zero
 from .optim import adamw_warmup_cosine, parameter_groups
 from .precision import lightning_precision, pin_memory
@@ -217,7 +218,6 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
                           f"nothing to resume from; restore one, or choose another --out for a new run")
     initial_weights = None
     if resume_from is None and config.train.init_from:  # a fresh run: read and check them before writing anything
-        from ..weights import check_init_from, read_weights
         initial_weights = read_weights(config.train.init_from)
         check_init_from(config.method, config.model, config.options, initial_weights)
     data = build_pretrain_data(config.data.path, config.model.img_size, config.model.in_chans,
@@ -255,7 +255,6 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
                             "world_size": trainer.world_size, "batch_size_per_process": config.train.batch_size})
         config.save_yaml(run_dir / "config.yaml")  # atomic; rewritten when damaged (only if its text differs)
     if initial_weights is not None:
-        from ..weights import init_method_from, load_line, loaded_parts
         notes = init_method_from(module.method, initial_weights)
         warnings.warn(load_line(initial_weights, loaded_parts(module.method, initial_weights), notes))
     if config.train.compile:
@@ -265,7 +264,6 @@ def _pretrain(config: RunConfig, callbacks: Sequence[Callback], lock: "RunLock |
     module.run_identity = identity
 
     if trainer.is_global_zero:
-        from .console import emit, pretrain_summary_rows, start_summary
         emit(start_summary(pretrain_summary_rows(config, module.method, data, trainer, optimizer_steps_per_epoch,
                                                  total_steps, resume_from,
                                                  checkpoint_step(resume_from) if resume_from else None),

@@ -20,10 +20,13 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from ..config import RunConfig
+from ..data.common import mix_seed
 from ..files import CHECKPOINT_DIR, LAST_CHECKPOINT, temporary_path
 from ..weights import checkpoint_step
-from .precision import lightning_precision
+from .console import RunProgress
 from .loggers import build_loggers, continue_logs
+from .optim import resume_position
+from .precision import lightning_precision
 
 
 class NonFiniteLossError(RuntimeError):
@@ -181,7 +184,6 @@ def align_loops(checkpoint: dict[str, Any], batches_per_epoch: int, accumulate: 
     epoch boundary reads as "epoch e done, e + 1 not started", and every mid-epoch one as Lightning writes it after a
     training batch ("batch k of epoch e trained", :class:`RunCheckpoint`'s rolling resume point).
     """
-    from .optim import resume_position
 
     step = int(checkpoint.get("global_step", 0))
     epoch, batches = resume_position(step, batches_per_epoch, accumulate)
@@ -228,7 +230,6 @@ class SeedEachBatch(Callback):
         self.seed = seed
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        from ..data.common import mix_seed
 
         torch.manual_seed(mix_seed(0x44524F50, self.seed, trainer.current_epoch, batch_idx, trainer.global_rank))  # "DROP"
 
@@ -304,7 +305,6 @@ def build_trainer(config: RunConfig, run_dir: Path, callbacks: Sequence[Callback
     loggers = build_loggers(train.logger, run_dir)
     all_callbacks = [checkpointing, StopOnSignal(stop_after_last_batch), SeedEachBatch(train.seed), *callbacks]
     if train.progress_bar:  # leanmim's one line for the whole run (console.py), not Lightning's bar per epoch
-        from .console import RunProgress
         all_callbacks.append(RunProgress(every_steps=train.log_every_steps))
     devices: Any = int(train.devices) if str(train.devices).isdigit() else train.devices
     return L.Trainer(

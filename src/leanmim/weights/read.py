@@ -49,11 +49,22 @@ def torch_load(path: Path) -> Any:
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """A safetensors file's tensors and metadata (a one-line error when it is not one)."""
+    return _with_safetensors(path, lambda handle: ({name: handle.get_tensor(name) for name in handle.keys()},
+                                                   dict(handle.metadata() or {})))
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata without reading its tensors."""
+    return _with_safetensors(path, lambda handle: dict(handle.metadata() or {}))
+
+
+def _with_safetensors(path: Path, read: Any) -> Any:
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {name: handle.get_tensor(name) for name in handle.keys()}, dict(handle.metadata() or {})
+            return read(handle)
     except (SafetensorError, OSError) as err:
         raise ConfigError(f"'{path}' is not a readable safetensors file ({str(err)[:100]})") from None
 
@@ -260,13 +271,3 @@ def stated_preprocessing(path: str | Path) -> dict[str, Any]:
             found["crop_pct"] = float(crop)
     return found
 
-
-def read_safetensors_metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata without reading its tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise ConfigError(f"'{path}' is not a readable safetensors file ({str(err)[:100]})") from None
