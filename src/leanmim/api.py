@@ -224,7 +224,7 @@ def export(run: str | Path, out: str | Path, overwrite: bool = False, format: st
     (``--pool cls``) or ``BeitForImageClassification`` (``--pool mean``: BEiT's mean-pooling head is leanmim's),
     with ``id2label``/``label2id`` — plus ``preprocessor_config.json`` and a model card, written atomically."""
     from .weights import export_encoder, export_finetuned, export_hf, read_finetune_entry, run_data_stats
-    from .weights.export import pretraining_crop_pct
+    from .weights.crop_pct import pretraining_crop_pct
 
     if format not in ("timm", "hf"):
         raise ConfigError(f"unknown export format '{format}': use timm or hf")

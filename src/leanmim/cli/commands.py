@@ -8,7 +8,7 @@ import json
 from typing import Sequence
 
 from .. import catalogue
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, format_img_size, parse_img_size
 
 SIZE_FIELDS = ("embed_dim", "depth", "num_heads", "decoder_embed_dim", "decoder_depth", "decoder_num_heads")
 
@@ -89,7 +89,8 @@ def check_positive(args, names: Sequence[str], command: str) -> None:
 
 def command_cost(args) -> int:
     from .. import api
-    check_positive(args, ("img_size", "patch_size", "in_chans", *SIZE_FIELDS), "cost")
+    check_positive(args, ("patch_size", "in_chans", *SIZE_FIELDS), "cost")
+    args.img_size = None if args.img_size is None else parse_img_size(args.img_size, "cost --img-size")
     if args.token_drop is not None and not 0.0 <= args.token_drop < 1.0:
         raise ConfigError(f"cost --token-drop must lie in [0, 1), got {args.token_drop}")
     options = {}
@@ -114,7 +115,7 @@ def command_cost(args) -> int:
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{result['method']} / {result['model']} @ {result['img_size']} px, patch {result['patch_size']}: "
+    print(f"{result['method']} / {result['model']} @ {format_img_size(result['img_size'])} px, patch {result['patch_size']}: "
           f"{result['mode']}")
     print_table([(f"MACs {name}", format_macs(value)) for name, value in result["macs"].items()]
                 + [(f"params {name}", f"{value / 1e6:.2f} M") for name, value in result["params"].items()])
@@ -172,7 +173,8 @@ def parse_method_options(items: list[str] | None) -> dict[str, dict[str, str]]:
 
 def command_bench(args) -> int:
     from .. import api
-    check_positive(args, ("img_size", "patch_size", "in_chans"), "bench")
+    check_positive(args, ("patch_size", "in_chans"), "bench")
+    args.img_size = None if args.img_size is None else parse_img_size(args.img_size, "bench --img-size")
     from ..eval.bench import format_bench_table
     model = dataclasses.asdict(RunConfig.load_yaml(args.config).model) if args.config else {}
     given = {"name": args.model, "img_size": args.img_size, "patch_size": args.patch_size, "in_chans": args.in_chans}

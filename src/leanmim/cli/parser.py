@@ -138,7 +138,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     cost.add_argument("--config", help="count the model and method of a run's config.yaml")
     cost.add_argument("--method", help="[default: mae]")
     cost.add_argument("--model", help="[default: vit_base_patch16]")
-    cost.add_argument("--img-size", type=int, help="[default: 224]")
+    cost.add_argument("--img-size", metavar="N|HxW", help="N or HEIGHTxWIDTH [default: 224]")
     cost.add_argument("--patch-size", type=int)
     cost.add_argument("--in-chans", type=int, help="[default: 3]")
     for field in SIZE_FIELDS:
@@ -168,7 +168,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     bench.add_argument("--methods", help="comma-separated methods [default: all registered; mae is always included]")
     bench.add_argument("--config", help="take the model section from this YAML (flags override it)")
     bench.add_argument("--model", help="encoder preset [vit_base_patch16]")
-    bench.add_argument("--img-size", type=int, help="image size [224]")
+    bench.add_argument("--img-size", metavar="N|HxW", help="image size, N or HEIGHTxWIDTH [224]")
     bench.add_argument("--patch-size", type=int, help="patch size [the preset's]")
     bench.add_argument("--in-chans", type=int, help="image channels [3]")
     bench.add_argument("--option", action="append", metavar="METHOD.NAME=VALUE",

@@ -42,10 +42,52 @@ def as_user_meant(path: str | None) -> str | None:
     return path
 
 
+class ImageSize:
+    """The type of an image-size setting: ``224`` (square) or height × width, ``64x96`` on the command line and
+    ``[64, 96]`` (or ``64x96``) in YAML, as timm's and transformers' ``img_size=(64, 96)``. Its values are an int
+    for a square and a list ``[height, width]`` otherwise (:func:`parse_img_size`); :func:`image_hw` reads either."""
+
+
+def parse_img_size(value: Any, name: str = "img_size") -> int | list[int]:
+    """``value`` (an int, ``"64"``, ``"64x96"``, ``"64,96"``, ``[64, 96]``) as an image size: an int when square,
+    else ``[height, width]``; a one-line ConfigError for anything else (a third side, a fraction, a word)."""
+    sides: Any = value
+    if isinstance(value, str):
+        text = value.strip().strip("[]()").lower().replace(",", "x").replace("×", "x")   # "[64, 96]": a metadata value
+        sides = [part.strip() for part in text.split("x")]
+    elif not isinstance(value, (list, tuple)):
+        sides = [value]
+    try:
+        if not 1 <= len(sides) <= 2 or any(isinstance(side, bool) or (isinstance(side, float) and not side.is_integer())
+                                           for side in sides):
+            raise ValueError
+        numbers = [int(side) for side in sides]
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: expected a size in pixels, N (square) or HEIGHTxWIDTH such as 64x96, got "
+                          f"{value!r}") from None
+    if any(side < 1 for side in numbers):
+        shown = "x".join(map(str, numbers))
+        raise ConfigError(f"{name} must be a positive integer, got {shown}: use N (square) or HEIGHTxWIDTH such as 64x96")
+    return numbers[0] if len(numbers) == 1 or numbers[0] == numbers[1] else numbers
+
+
+def image_hw(img_size: int | list[int] | tuple[int, int]) -> tuple[int, int]:
+    """(height, width) of an image size (an int is a square)."""
+    if isinstance(img_size, (list, tuple)):
+        return int(img_size[0]), int(img_size[1])
+    return int(img_size), int(img_size)
+
+
+def format_img_size(img_size: int | list[int] | tuple[int, int]) -> str:
+    """``224`` or ``64x96`` (height x width), as the command line takes it."""
+    height, width = image_hw(img_size)
+    return str(height) if height == width else f"{height}x{width}"
+
+
 def field_type(annotation: Any) -> type:
     """The concrete scalar type of a field annotation such as ``int | None``."""
-    if isinstance(annotation, str):
-        annotation = eval(annotation, {"typing": typing})  # annotations are strings under `from __future__`
+    if isinstance(annotation, str):  # annotations are strings under `from __future__`
+        annotation = eval(annotation, {"typing": typing, "ImageSize": ImageSize})
     if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
         annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
     return annotation
@@ -63,6 +105,8 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
             return True
         if str(value).lower() in ("false", "no", "0", "off"):
             return False
+    elif kind is ImageSize:
+        return parse_img_size(value, name)
     elif kind is tuple or kind is list:
         return list(value) if isinstance(value, (list, tuple)) else [int(v) for v in str(value).split(",") if v]
     else:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fields import ConfigError, dataclass_from_dict, option
+from .fields import ConfigError, ImageSize, dataclass_from_dict, image_hw, option, parse_img_size
 from .run import TrainConfig
 
 # Fine-tuning settings live here, torch-free, so that `leanmim finetune --help` starts instantly;
@@ -57,8 +57,9 @@ class FinetuneConfig:
                                          "timm .pth/.safetensors, transformers directory); architecture from the file")
     num_heads: int | None = option(None, "encoder attention heads of --init-from weights whose file does not state "
                                          "them (default: the file's, else the preset's of that width, with a note)")
-    img_size: int | None = option(None, "fine-tune at this image size in pixels (default: the pretraining's); the "
-                                        "position table is resized as when loading, the data are read at this size")
+    img_size: ImageSize | None = option(None, "fine-tune at this image size in pixels, N or HEIGHTxWIDTH (default: the "
+                                              "pretraining's); the position table is resized as when loading, the "
+                                              "data are read at this size")
     crop_min_scale: float | None = option(None, "smallest RandomResizedCrop area (default: 0.08 from 128 px up, else 0.5)")
     hflip: bool = option(True, "random horizontal flips")
     eval_hflip: bool = option(False, "test-time mirror averaging: validate and test on the mean softmax of each image and "
@@ -91,9 +92,10 @@ class FinetuneConfig:
             raise ConfigError(f"labels_per_class must be at least 1, got {self.labels_per_class}")
         if self.label_fraction is not None and not 0.0 < self.label_fraction <= 1.0:
             raise ConfigError(f"label_fraction must lie in (0, 1], got {self.label_fraction}")
-        for name in ("num_heads", "img_size"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.num_heads is not None and self.num_heads < 1:
+            raise ConfigError(f"num_heads must be at least 1, got {self.num_heads}")
+        if self.img_size is not None:
+            self.img_size = parse_img_size(self.img_size)   # one line for 0, -3, 64x0, 1.5
         if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise ConfigError(f"crop_min_scale must lie in (0, 1], got {self.crop_min_scale}")
         if not (math.isfinite(self.mixup) and math.isfinite(self.cutmix) and self.mixup >= 0 and self.cutmix >= 0):
@@ -114,10 +116,11 @@ class FinetuneConfig:
     def from_dict(cls, values: dict[str, Any], source: str = "finetune") -> "FinetuneConfig":
         return dataclass_from_dict(cls, values, source)
 
-    def min_scale_for(self, img_size: int) -> float:
+    def min_scale_for(self, img_size) -> float:
+        """--crop-min-scale, else 0.08 from 128 px up (the shorter side), else 0.5."""
         if self.crop_min_scale is not None:
             return self.crop_min_scale
-        return 0.08 if img_size >= 128 else 0.5
+        return 0.08 if min(image_hw(img_size)) >= 128 else 0.5
 
     def validate(self) -> None:
         """The checks pretraining makes on the shared settings (learning rates, weight decay, warmup, grad clip,

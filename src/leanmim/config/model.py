@@ -9,7 +9,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from .fields import ConfigError, option
+from .fields import ConfigError, ImageSize, format_img_size, image_hw, option, parse_img_size
 
 # Encoder presets by timm-style name: (patch_size, embed_dim, depth, num_heads).
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -113,7 +113,6 @@ def _read_timm_vit(name: str) -> dict[str, Any] | str:
         return (f"--model {name} is not a plain ViT ({why}); leanmim's encoder is one: use a preset ({presets}) "
                 f"or e.g. vit_base_patch16_224, deit_tiny_patch16_224")
     patch = model.patch_embed.patch_size
-    height, width = model.patch_embed.img_size
     if patch[0] != patch[1]:
         return f"--model {name} has non-square patches {patch[0]}x{patch[1]}: leanmim's patches are square"
     block = model.blocks[0]
@@ -121,7 +120,7 @@ def _read_timm_vit(name: str) -> dict[str, Any] | str:
             "num_heads": int(block.attn.num_heads),
             "mlp_ratio": block.mlp.fc1.out_features / model.embed_dim,
             "in_chans": int(model.patch_embed.proj.in_channels),
-            **({"img_size": int(height)} if height == width else {})}  # non-square: the data's size or 224
+            "img_size": parse_img_size(list(model.patch_embed.img_size))}
 
 
 # Stochastic depth of a method's released pretraining recipe, (encoder, decoder), where it is not 0: PCAE's
@@ -147,7 +146,8 @@ def default_decoder(embed_dim: int) -> dict[str, int]:
 @dataclass
 class ModelConfig:
     name: str = option("vit_tiny_patch16", MODEL_HELP, cli="model")
-    img_size: int | None = option(None, "input image size in pixels (default: the data's native size, else 224)")
+    img_size: ImageSize | None = option(None, "input image size in pixels: N (square) or HEIGHTxWIDTH such as 64x96 "
+                                              "(default: the data's native size, else the timm model's, else 224)")
     patch_size: int | None = option(None, "patch size in pixels (default: the preset's)")
     in_chans: int | None = option(None, "image channels, 1 or 3 (default: the data's)")
     embed_dim: int | None = option(None, "encoder width (default: the preset's)")
@@ -163,6 +163,10 @@ class ModelConfig:
     decoder_drop_path: float | None = option(None, "stochastic depth of every decoder block, the same rate in each "
                                                    f"(default: the method's released recipe: "
                                                    f"{DECODER_DROP_PATH_DEFAULTS}, the others 0)")
+
+    def __post_init__(self) -> None:
+        if self.img_size is not None:  # 224 / "64x96" / (64, 96) -> 224 or [64, 96]; a bad value is one line
+            self.img_size = parse_img_size(self.img_size)
 
     def with_method_defaults(self, method: str) -> "ModelConfig":
         """This configuration with ``drop_path`` and ``decoder_drop_path`` left at None set to ``method``'s released
@@ -185,7 +189,8 @@ class ModelConfig:
                 values[key] = default
         if "mlp_ratio" in preset and self.mlp_ratio == 4.0:  # the field's default: the timm model's ratio
             values["mlp_ratio"] = preset["mlp_ratio"]
-        values["img_size"] = values["img_size"] or native_img_size or preset.get("img_size") or 224
+        size = values["img_size"] or native_img_size or preset.get("img_size") or 224
+        values["img_size"] = parse_img_size(size)   # 224, or [height, width] when not square
         if "in_chans" in preset and values["in_chans"] is None and native_chans is None:
             values["in_chans"] = preset["in_chans"]
         values["in_chans"] = values["in_chans"] or native_chans or 3
@@ -204,20 +209,21 @@ class ModelConfig:
     def validate(self) -> None:
         if self.in_chans not in (1, 3):
             raise ConfigError(f"in_chans must be 1 or 3, got {self.in_chans}")
-        for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
+        for key in ("patch_size", "embed_dim", "depth", "num_heads", "decoder_embed_dim",
                     "decoder_depth", "decoder_num_heads"):
             value = getattr(self, key)
             if value is not None and value <= 0 and not (key == "decoder_depth" and value == 0):
                 raise ConfigError(f"{key} must be positive, got {value}")
-        if self.img_size % self.patch_size:
-            raise ConfigError(f"image size {self.img_size} is not divisible by patch size {self.patch_size}: "
-                              f"choose --img-size as a multiple of --patch-size")
+        size = format_img_size(self.img_size)
+        if any(side % self.patch_size for side in self.img_hw):
+            raise ConfigError(f"image size {size} is not divisible by patch size {self.patch_size}: "
+                              f"choose --img-size (each side) as a multiple of --patch-size")
         if self.embed_dim % self.num_heads or self.decoder_embed_dim % self.decoder_num_heads:
             raise ConfigError("embed_dim must be divisible by num_heads (and decoder_embed_dim by decoder_num_heads)")
         if self.embed_dim % 4 or self.decoder_embed_dim % 4:
             raise ConfigError("embed_dim and decoder_embed_dim must be multiples of 4 (2D sin-cos position embedding)")
-        if self.img_size // self.patch_size < 2:
-            raise ConfigError(f"image size {self.img_size} with patch size {self.patch_size} gives a single patch, so "
+        if self.num_patches < 2:
+            raise ConfigError(f"image size {size} with patch size {self.patch_size} gives a single patch, so "
                               f"nothing can be masked and reconstructed: use a patch size at most half the image size")
         for key in ("drop_path", "decoder_drop_path"):
             value = getattr(self, key)
@@ -227,12 +233,20 @@ class ModelConfig:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
 
     @property
+    def img_hw(self) -> tuple[int, int]:
+        """(height, width) in pixels."""
+        return image_hw(self.img_size)
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return (self.img_size // self.patch_size, self.img_size // self.patch_size)
+        """(rows, columns) of the patch grid."""
+        height, width = self.img_hw
+        return (height // self.patch_size, width // self.patch_size)
 
     @property
     def num_patches(self) -> int:
-        return (self.img_size // self.patch_size) ** 2
+        rows, cols = self.grid_size
+        return rows * cols
 
     @property
     def patch_dim(self) -> int:

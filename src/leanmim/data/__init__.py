@@ -16,7 +16,7 @@
 """
 
 from .augment import BatchEvalTransform, BatchFlipNormalize, BatchMIMAugment, WorkerCrop, denormalize
-from .common import DataError, TensorImages, load_image, stored_size
+from .common import DataError, TensorImages, eval_box, load_image, resize_and_crop, stored_hw, stored_size
 from .folder import ImageFileDataset, WholeImages
 from .idx import (FASHION_MNIST_ALIASES, FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, FASHION_MNIST_MEAN,
                   FASHION_MNIST_STD, read_idx)
@@ -30,7 +30,7 @@ from .source import default_channels, default_img_size
 __all__ = [
     "DataError", "MIMData", "LabelledSplits", "BatchMIMAugment", "BatchEvalTransform",
     "build_pretrain_data", "build_labelled_splits", "default_channels", "default_img_size",
-    "denormalize", "read_idx", "load_image", "stored_size", "FASHION_MNIST_DIR", "FASHION_MNIST_ALIASES",
+    "denormalize", "read_idx", "load_image", "stored_size", "stored_hw", "eval_box", "resize_and_crop", "FASHION_MNIST_DIR", "FASHION_MNIST_ALIASES",
     "FASHION_MNIST_CLASSES", "TensorImages", "ImageFileDataset", "WholeImages", "ShardSource", "write_shards",
     "GlobalBatchSampler", "SampleIndex", "BatchFlipNormalize", "WorkerCrop",
 ]

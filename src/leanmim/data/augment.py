@@ -25,9 +25,18 @@ from torch import nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
-from .common import stored_size
+from ..config import image_hw
+from .common import cover_size, resize_and_crop, stored_hw
 
 RRC_RATIO = (3 / 4, 4 / 3)
+
+
+def crop_ratio(img_size, ratio: tuple[float, float] = RRC_RATIO) -> tuple[float, float]:
+    """The RandomResizedCrop aspect range (width / height) for an output of ``img_size``: ``ratio`` times the
+    output's own aspect, so that a crop is on average as wide as what it is resized to (a 64x96 output draws
+    crops of aspect 1.125 to 2, not squares stretched by 1.5). A square output keeps ``ratio``, torchvision's."""
+    height, width = image_hw(img_size)
+    return ratio if height == width else (ratio[0] * width / height, ratio[1] * width / height)
 
 
 def _unit_float(images: torch.Tensor) -> torch.Tensor:
@@ -58,7 +67,8 @@ class BatchMIMAugment(nn.Module):
     """RandomResizedCrop + horizontal flip + normalize on a whole batch.
 
     (B, C, H, W) uint8 or float in [0, 1] (or a whole-image ``(canvas, sizes)`` pair) -> float32
-    (B, C, img_size, img_size) normalized. Crops follow torchvision's RandomResizedCrop sampling
+    (B, C, height, width) normalized, ``img_size`` an int (a square) or (height, width); the aspect range is
+    ``ratio`` times the output's aspect (:func:`crop_ratio`). Crops follow torchvision's RandomResizedCrop sampling
     (area fraction ~ U(scale), aspect ratio log-uniform, integer box, ``tries`` attempts then the
     central fallback), vectorised over the batch; crop, resize and flip are one ``affine_grid`` +
     ``grid_sample`` (no antialiasing: stored images are at most a few times larger than the output).
@@ -67,11 +77,11 @@ class BatchMIMAugment(nn.Module):
     then depend on its position in the global batch only.
     """
 
-    def __init__(self, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+    def __init__(self, img_size, mean: tuple[float, ...], std: tuple[float, ...],
                  scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = RRC_RATIO,
                  hflip: bool = True, interpolation: str = "bicubic", tries: int = 10):
         super().__init__()
-        self.img_size, self.scale, self.ratio = img_size, scale, ratio
+        self.img_size, self.scale, self.ratio = img_size, scale, crop_ratio(img_size, ratio)
         self.hflip, self.interpolation, self.tries = hflip, interpolation, tries
         self.register_buffer("mean", _channel_buffer(mean), persistent=False)
         self.register_buffer("std", _channel_buffer(std), persistent=False)
@@ -119,17 +129,21 @@ class BatchMIMAugment(nn.Module):
         theta = torch.stack([torch.stack([sx, zero, (2 * left + w) / width - 1], 1),
                              torch.stack([zero, h / height, (2 * top + h) / height - 1], 1)], 1)
         theta = theta.to(device=x.device, dtype=x.dtype)
-        grid = F.affine_grid(theta, [b, c, self.img_size, self.img_size], align_corners=False)
+        grid = F.affine_grid(theta, [b, c, *image_hw(self.img_size)], align_corners=False)
         x = F.grid_sample(x, grid, mode=self.interpolation, padding_mode="border", align_corners=False)
         return x.clamp_(0, 1).sub_(self.mean.to(x.device)).div_(self.std.to(x.device))
 
 
 class BatchEvalTransform(nn.Module):
     """Deterministic: optional centre crop to ``crop_size``, resize to img_size (antialiased),
-    normalize. (B, C, H, W) uint8 or float in [0, 1] -> float32 (B, C, img_size, img_size)."""
+    normalize. (B, C, H, W) uint8 or float in [0, 1] -> float32 (B, C, height, width).
 
-    def __init__(self, img_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 crop_size: int | None = None, interpolation: str = "bicubic"):
+    ``img_size`` and ``crop_size`` are ints (squares) or (height, width). To a non-square size the batch is
+    resized keeping its aspect ratio to cover it, then centre-cropped (as timm's eval transform), never
+    stretched."""
+
+    def __init__(self, img_size, mean: tuple[float, ...], std: tuple[float, ...],
+                 crop_size=None, interpolation: str = "bicubic"):
         super().__init__()
         self.img_size, self.crop_size, self.interpolation = img_size, crop_size, interpolation
         self.register_buffer("mean", _channel_buffer(mean), persistent=False)
@@ -140,11 +154,29 @@ class BatchEvalTransform(nn.Module):
         """``generator``, ``rank`` and ``world_size`` are unused; they let callers treat this and
         BatchMIMAugment alike."""
         x = _unit_float(images)
+        height, width = image_hw(self.img_size)
+        if height != width:
+            return self._non_square(x)
         if self.crop_size is not None and self.crop_size < min(x.shape[-2:]):
             x = TF.center_crop(x, [self.crop_size, self.crop_size])
-        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
-            x = F.interpolate(x, size=(self.img_size, self.img_size), mode=self.interpolation,
+        if tuple(x.shape[-2:]) != (height, width):
+            x = F.interpolate(x, size=(height, width), mode=self.interpolation,
                               align_corners=False, antialias=True).clamp_(0, 1)
+        return (x - self.mean.to(x.device)) / self.std.to(x.device)
+
+    def _non_square(self, x: torch.Tensor) -> torch.Tensor:
+        """The centre ``crop_size`` box where the batch holds it, resized to cover img_size, centre-cropped."""
+        height, width = image_hw(self.img_size)
+        if self.crop_size is not None:
+            box = image_hw(self.crop_size)
+            if box[0] <= x.shape[-2] and box[1] <= x.shape[-1]:
+                x = TF.center_crop(x, list(box))
+        if tuple(x.shape[-2:]) != (height, width):
+            size = tuple(cover_size(x.shape[-2:], (height, width)))
+            if size != tuple(x.shape[-2:]):
+                x = F.interpolate(x, size=size, mode=self.interpolation, align_corners=False,
+                                  antialias=True).clamp_(0, 1)
+            x = TF.center_crop(x, [height, width])
         return (x - self.mean.to(x.device)) / self.std.to(x.device)
 
 
@@ -201,7 +233,8 @@ def crop_box(height: int, width: int, draw_seed: int, scale: tuple[float, float]
 class WorkerCrop(nn.Module):
     """The loader-worker half of the streamed augmentation: the sample's RandomResizedCrop box (``crop_box``, drawn
     from the sample's own seed), cut from the decoded image and resized to img_size with antialiasing, in uint8.
-    uint8 (C, H, W) and a draw seed -> uint8 (C, img_size, img_size).
+    uint8 (C, H, W) and a draw seed -> uint8 (C, height, width) (``img_size`` an int or (height, width); the
+    aspect range as BatchMIMAugment's, :func:`crop_ratio`).
 
     Why resize here rather than on the device: the boxes differ in size from image to image and a batch is one
     tensor, so each crop is brought to img_size where it is cut. In uint8 that costs 0.2-0.4 ms per 224-px crop
@@ -214,22 +247,35 @@ class WorkerCrop(nn.Module):
 
     takes_seed = True  # the datasets pass each sample's draw seed as the second argument
 
-    def __init__(self, img_size: int, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = RRC_RATIO,
+    def __init__(self, img_size, scale: tuple[float, float] = (0.2, 1.0), ratio: tuple[float, float] = RRC_RATIO,
                  interpolation: v2.InterpolationMode = v2.InterpolationMode.BICUBIC):
         super().__init__()
-        self.img_size, self.scale, self.ratio, self.interpolation = img_size, scale, ratio, interpolation
+        self.img_size, self.scale, self.interpolation = img_size, scale, interpolation
+        self.ratio = crop_ratio(img_size, ratio)
 
     def forward(self, image: torch.Tensor, draw_seed: int) -> torch.Tensor:
         top, left, h, w = crop_box(image.shape[-2], image.shape[-1], draw_seed, self.scale, self.ratio)
-        return TF.resized_crop(image, top, left, h, w, [self.img_size, self.img_size],
+        return TF.resized_crop(image, top, left, h, w, list(image_hw(self.img_size)),
                                interpolation=self.interpolation, antialias=True)
 
 
-def worker_eval_view(img_size: int) -> nn.Module:
-    """The streamed evaluation view, in uint8 in the worker: shorter side to S = stored_size(img_size), centre crop
-    img_size. uint8 (C, H, W) -> uint8 (C, img_size, img_size); BatchEvalTransform normalizes the batch."""
-    return v2.Compose([v2.Resize(stored_size(img_size), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-                       v2.CenterCrop(img_size)])
+class EvalView(nn.Module):
+    """The evaluation view of one image: resized keeping its aspect ratio to cover the stored box
+    (:func:`~leanmim.data.common.stored_hw`; a square: the shorter side to S), then the centre img_size.
+    uint8 (C, H, W) -> uint8 (C, height, width)."""
+
+    def __init__(self, img_size):
+        super().__init__()
+        self.img_size = img_size
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return resize_and_crop(image, stored_hw(self.img_size), self.img_size)
+
+
+def worker_eval_view(img_size) -> nn.Module:
+    """The streamed evaluation view, in uint8 in the worker (:class:`EvalView`); BatchEvalTransform normalizes
+    the batch."""
+    return EvalView(img_size)
 
 
 def denormalize(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
@@ -243,15 +289,13 @@ def sample_transform(img_size: int, mean, std, crop_min_scale: float, hflip: boo
     """Per-sample equivalent of BatchMIMAugment on the whole decoded image (antialiased), all in the worker, drawn
     from torch's global generator: uint8 (C, H, W) -> float32 (C, img_size, img_size) normalized. The streamed
     pretraining data now uses WorkerCrop + BatchFlipNormalize instead (the benchmark keeps this as "before")."""
-    steps = [v2.RandomResizedCrop(img_size, scale=(crop_min_scale, 1.0), ratio=RRC_RATIO,
+    steps = [v2.RandomResizedCrop(list(image_hw(img_size)), scale=(crop_min_scale, 1.0), ratio=crop_ratio(img_size),
                                   interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
     steps += [v2.RandomHorizontalFlip()] if hflip else []
     return v2.Compose(steps + [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def sample_eval_transform(img_size: int, mean, std) -> nn.Module:
-    """Per-sample evaluation view: shorter side to S = stored_size(img_size), centre crop img_size, normalize."""
-    return v2.Compose([v2.Resize(stored_size(img_size), interpolation=v2.InterpolationMode.BICUBIC,
-                                 antialias=True),
-                       v2.CenterCrop(img_size), v2.ToDtype(torch.float32, scale=True),
-                       v2.Normalize(mean, std)])
+    """Per-sample evaluation view (:class:`EvalView`: a square size: shorter side to S = stored_size(img_size),
+    centre crop img_size), normalized."""
+    return v2.Compose([EvalView(img_size), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])

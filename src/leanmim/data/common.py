@@ -13,6 +13,7 @@ shown, not as stored.
 from __future__ import annotations
 
 import io
+import math
 import multiprocessing
 import os
 import tempfile
@@ -26,6 +27,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset, get_worker_info
 from torchvision.transforms.v2 import functional as TF
+
+from ..config import image_hw
 
 try:  # deprecated since torchvision 0.29 (see the module docstring)
     with warnings.catch_warnings():
@@ -173,10 +176,56 @@ def image_mode(source: str | IO[bytes]) -> str:
         return im.mode
 
 
-def stored_size(img_size: int) -> int:
-    """Shorter side S images are stored or resized to: round(img_size * 8 / 7) (224 -> 256, 32 -> 37),
-    the classic 0.875 ratio between the evaluation crop and the resized image."""
-    return round(img_size * 8 / 7)
+STORED_CROP_PCT = 0.875   # evaluation crop / resized image, the classic ratio: 224 of 256
+
+
+def eval_box(img_size, crop_pct: float) -> tuple[int, int]:
+    """(Hb, Wb): the box an image is resized to cover before its centre ``img_size`` is cut, for ``crop_pct`` =
+    crop / box. A square size S: round(S / crop_pct) (224 at 0.875 -> 256, 32 -> 37). A non-square one, as timm's
+    eval transform computes it for a (height, width) input size: floor(side / crop_pct) each (64x96 -> 73 x 109),
+    so that an exported ``crop_pct`` reproduces the view exactly."""
+    height, width = image_hw(img_size)
+    if height == width:
+        side = round(height / crop_pct)
+        return side, side
+    return math.floor(height / crop_pct), math.floor(width / crop_pct)
+
+
+def stored_hw(img_size) -> tuple[int, int]:
+    """The box (Hs, Ws) the evaluation view of folder images is cut from: :func:`eval_box` at 0.875."""
+    return eval_box(img_size, STORED_CROP_PCT)
+
+
+def stored_size(img_size) -> int:
+    """Shorter side S images are stored or resized to: round(img_size * 8 / 7) (224 -> 256, 32 -> 37); for a
+    non-square size, the longer side of its box (64x96 -> 109), so that every image covers the stored box
+    :func:`stored_hw` whatever its own aspect ratio."""
+    return max(stored_hw(img_size))
+
+
+def cover_resize(image: torch.Tensor, box) -> torch.Tensor:
+    """Resize uint8/float (..., C, h, w) (bicubic, antialiased) keeping its aspect ratio to the smallest size that
+    covers ``box`` (an int or (height, width)), the resize before a centre crop. A square box: the shorter side to
+    it, as torchvision's ``Resize(S)``. Otherwise as timm's ``ResizeKeepRatio`` (its eval transform for a
+    non-square input size): ratio = min(h / Hb, w / Wb), each side round(side / ratio)."""
+    box_h, box_w = image_hw(box)
+    if box_h == box_w:
+        return TF.resize(image, [box_h], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    return TF.resize(image, cover_size(image.shape[-2:], (box_h, box_w)),
+                     interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+
+
+def cover_size(size, box) -> list[int]:
+    """[h', w'] of an image of ``size`` (h, w) resized keeping its aspect ratio to cover ``box`` (timm's
+    ``ResizeKeepRatio`` rounding)."""
+    height, width = int(size[0]), int(size[1])
+    ratio = min(height / box[0], width / box[1])
+    return [round(height / ratio), round(width / ratio)]
+
+
+def resize_and_crop(image: torch.Tensor, box, crop) -> torch.Tensor:
+    """``cover_resize`` to ``box``, then the centre ``crop`` (ints or (height, width)): the evaluation view."""
+    return TF.center_crop(cover_resize(image, box), list(image_hw(crop)))
 
 
 def one_line(err: BaseException) -> str:
@@ -191,7 +240,7 @@ def warn_skip(name: str, reason: str) -> None:
 def check_args(img_size: int, in_chans: int) -> None:
     if in_chans not in (1, 3):
         raise DataError(f"in_chans={in_chans} is not supported: use 1 (grayscale) or 3 (RGB)")
-    if img_size < 1:
+    if min(image_hw(img_size)) < 1:
         raise DataError(f"img_size={img_size} must be a positive number of pixels")
 
 

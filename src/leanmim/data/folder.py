@@ -9,7 +9,8 @@ Unreadable files are skipped with one warning each and named in ``skipped_files`
 Stored in memory, each image keeps its aspect ratio: the shorter side is resized to S =
 stored_size(img_size) and the longer side kept up to MAX_ASPECT · S (the centre of wider images),
 in a canvas shared by the batch (``WholeImages``). The evaluation view and the labelled splits keep
-the centre S × S square (all that resize + centre crop ever reads).
+the centre S × S square (all that resize + centre crop ever reads); for a non-square img_size, the centre
+of the image resized to cover the stored box ``stored_hw(img_size)`` (Hs × Ws), S = max(Hs, Ws).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from ..config import image_hw
 from .common import (IMAGE_EXTENSIONS, DataError, SkipLog, decode_file, displayed_size, load_image, one_line,
-                     sample_draw_seed, spread, STATS_SAMPLE, warn_skip)
+                     resize_and_crop, sample_draw_seed, spread, STATS_SAMPLE, warn_skip)
 
 PARALLEL_DECODE_MIN_FILES = 256   # decode with DataLoader workers from this many files on
 MAX_ASPECT = 2.0                  # in memory, the longer side is kept up to this many times the shorter
@@ -171,10 +173,11 @@ class WholeImages(Dataset):
 
 
 class _ResizedFiles(Dataset):
-    """Decode-once helper: file i -> (uint8 image or None, error reason). The centre S × S square, or with
-    ``whole`` the image with its shorter side S and its longer side cut to MAX_ASPECT · S."""
+    """Decode-once helper: file i -> (uint8 image or None, error reason). The centre S × S square (``size`` an int,
+    or the centre Hs × Ws box of the image resized to cover it, ``size`` (Hs, Ws)), or with ``whole`` (``size`` an
+    int) the image with its shorter side S and its longer side cut to MAX_ASPECT · S."""
 
-    def __init__(self, files: list[str], channels: int, size: int, whole: bool = False):
+    def __init__(self, files: list[str], channels: int, size, whole: bool = False):
         self.files, self.channels, self.size, self.whole = files, channels, size, whole
 
     def __len__(self) -> int:
@@ -182,14 +185,14 @@ class _ResizedFiles(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            img = load_image(self.files[i], self.channels, draft_size=self.size)
+            img = load_image(self.files[i], self.channels, draft_size=max(image_hw(self.size)))
         except Exception as e:
             return None, one_line(e)
-        img = TF.resize(img, [self.size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
         if self.whole:
+            img = TF.resize(img, [self.size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
             cap = round(MAX_ASPECT * self.size)
             return TF.center_crop(img, [min(img.shape[1], cap), min(img.shape[2], cap)]), ""
-        return TF.center_crop(img, [self.size, self.size]), ""
+        return resize_and_crop(img, self.size, self.size), ""
 
 
 def _decoded(files: list[str], channels: int, size: int, whole: bool):
@@ -200,9 +203,10 @@ def _decoded(files: list[str], channels: int, size: int, whole: bool):
         yield i, img, reason
 
 
-def decode_squares(files: list[str], channels: int, size: int) -> tuple[torch.Tensor, list[int], list[str]]:
-    """Decode the centre squares of ``files`` -> (uint8 (n_ok, C, S, S), indices of the readable files, skipped)."""
-    images = torch.empty((len(files), channels, size, size), dtype=torch.uint8)
+def decode_squares(files: list[str], channels: int, size) -> tuple[torch.Tensor, list[int], list[str]]:
+    """Decode the centre squares of ``files`` (``size`` S, or the centre Hs × Ws boxes, ``size`` (Hs, Ws)) ->
+    (uint8 (n_ok, C, Hs, Ws), indices of the readable files, skipped)."""
+    images = torch.empty((len(files), channels, *image_hw(size)), dtype=torch.uint8)
     kept, skipped = [], []
     for i, img, reason in _decoded(files, channels, size, whole=False):
         if img is None:
@@ -248,11 +252,12 @@ def decode_whole(files: list[str], channels: int, size: int, canvas: tuple[int, 
     return images[: len(kept)], sizes[: len(kept)], kept, skipped
 
 
-def decode_folder(files: list[str], root: str, in_chans: int, size: int, in_memory: bool,
+def decode_folder(files: list[str], root: str, in_chans: int, size, in_memory: bool,
                   labels: list[int] | None = None):
-    """Centre squares of all ``files`` (in memory) or of an evenly spread sample of STATS_SAMPLE (streaming).
+    """Centre squares (``size`` S or a box (Hs, Ws): :func:`decode_squares`) of all ``files`` (in memory) or of an
+    evenly spread sample of STATS_SAMPLE (streaming).
 
-    Returns (uint8 (n, C, S, S) decoded images, files not found unreadable, their labels, skipped).
+    Returns (uint8 (n, C, Hs, Ws) decoded images, files not found unreadable, their labels, skipped).
     """
     probe = files if in_memory else [files[i] for i in spread(len(files), STATS_SAMPLE)]
     images, kept, skipped = decode_squares(probe, in_chans, size)

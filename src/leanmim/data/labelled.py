@@ -1,7 +1,8 @@
 """Labelled train/test splits for probing and fine-tuning, from idx files, a labelled folder or labelled shards.
 
 Stored as the evaluation view needs them: idx images as they are; folder and shard images as their
-centre S × S square (S = stored_size(img_size)), in memory when they fit, else (folders) decoded on access.
+centre S × S square (S = stored_size(img_size); a non-square img_size: the centre Hs × Ws box of the image
+resized to cover it, ``stored_hw``), in memory when they fit, else (folders) decoded on access.
 """
 
 from __future__ import annotations
@@ -11,12 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import Dataset
-from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as TF
 
 from . import idx
 from .augment import BatchEvalTransform, sample_eval_transform
-from .common import SkipLog, TensorImages, channel_stats, check_args, stored_size
+from .common import SkipLog, TensorImages, channel_stats, check_args, resize_and_crop, stored_hw
 from .folder import ImageFileDataset, decode_folder, labelled_files
 from .pretrain import live_skipped_files
 from .shards import open_shards, read_split
@@ -58,11 +57,11 @@ def build_labelled_splits(data: str, img_size: int, in_chans: int,
     if kind == "shards":
         return _shard_splits(path, img_size, in_chans, max_memory_bytes)
     classes, listed = labelled_files(path)
-    size = stored_size(img_size)
-    in_memory = sum(len(files) for _, files, _ in listed) * in_chans * size * size <= max_memory_bytes
+    box = stored_hw(img_size)
+    in_memory = sum(len(files) for _, files, _ in listed) * in_chans * box[0] * box[1] <= max_memory_bytes
     splits, skipped_all = [], []
     for split_dir, files, labels in listed:
-        images, files, labels, skipped = decode_folder(files, split_dir, in_chans, size, in_memory, labels)
+        images, files, labels, skipped = decode_folder(files, split_dir, in_chans, box, in_memory, labels)
         splits.append((images, files, labels))
         skipped_all += skipped
     mean, std = channel_stats(splits[0][0])
@@ -84,17 +83,16 @@ def _shard_splits(path: str, img_size: int, in_chans: int, max_memory_bytes: int
     if spec.classes is None or "test" not in spec.splits:
         raise DataError(f"'{path}' names no labelled shards with a test split: probing and fine-tuning need a directory "
                         "written by leanmim shard from fashion-mnist or a DIR/train/<class>/ + DIR/test/<class>/ folder")
-    size = stored_size(img_size)
+    box = stored_hw(img_size)
     native = (spec.manifest or {}).get("img_size")
 
     def to_stored(image: torch.Tensor) -> torch.Tensor:
         if native is not None:  # idx-like data: kept as it is, resized by the evaluation transform
             return image
-        image = TF.resize(image, [size], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-        return TF.center_crop(image, [size, size])
+        return resize_and_crop(image, box, box)
 
     log = SkipLog()
-    parts = [read_split(spec.splits[split], in_chans, to_stored, log, max_memory_bytes, size, len(spec.classes))
+    parts = [read_split(spec.splits[split], in_chans, to_stored, log, max_memory_bytes, box, len(spec.classes))
              for split in ("train", "test")]
     stats = (spec.manifest or {}).get("stats", {}).get(str(in_chans))
     mean, std = (tuple(stats["mean"]), tuple(stats["std"])) if stats else channel_stats(parts[0][0])

@@ -10,7 +10,7 @@ from torch.utils.data import Dataset
 
 from . import idx
 from .augment import BatchEvalTransform, BatchFlipNormalize, BatchMIMAugment, WorkerCrop, worker_eval_view
-from .common import DataError, SkipLog, TensorImages, channel_stats, check_args, stored_size
+from .common import DataError, SkipLog, TensorImages, channel_stats, check_args, stored_hw, stored_size
 from .folder import (ImageFileDataset, WholeImages, canvas_shape, decode_folder, decode_whole, labelled_layout,
                      list_images)
 from .shards import ShardSource, open_shards
@@ -98,7 +98,7 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
         return _shard_data(path, name, in_chans, streamed, samples_per_epoch, shuffle_buffer)
     layout = labelled_layout(path)
     files = list_images(layout[0] if layout else path)
-    size = stored_size(img_size)
+    size, box = stored_size(img_size), stored_hw(img_size)   # whole images' shorter side; the evaluation box
     in_memory = len(files) * in_chans * size * size <= max_memory_bytes
     canvas = canvas_shape(files, size) if in_memory and augment else None
     if canvas is not None and len(files) * in_chans * canvas[0] * canvas[1] > max_memory_bytes:
@@ -111,7 +111,7 @@ def build_pretrain_data(data: str, img_size: int, in_chans: int, crop_min_scale:
         mean, std = channel_stats(images[:, :, :size, :size])  # the top-left S x S lies inside every image
         return MIMData(WholeImages(images, sizes), batch_transform(mean, std), mean, std, len(kept), skipped,
                        name, True)
-    images, files, _, skipped = decode_folder(files, path, in_chans, size, in_memory)
+    images, files, _, skipped = decode_folder(files, path, in_chans, box, in_memory)
     mean, std = channel_stats(images)
     if in_memory:
         return MIMData(TensorImages(images), batch_transform(mean, std, crop_size=img_size), mean, std,

@@ -375,9 +375,9 @@ class ShardSource:
 # ----------------------------------------------------------------------------- labelled shards in memory
 
 def read_split(urls: list[str], channels: int, to_stored: Callable[[torch.Tensor], torch.Tensor], log: SkipLog,
-               max_bytes: int, size: int, num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of ``urls`` in order, decoded and passed through ``to_stored`` -> (uint8 (N, C, S, S),
-    int64 labels (N,)); bad samples are skipped and logged."""
+               max_bytes: int, size: tuple[int, int], num_classes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sample of ``urls`` in order, decoded and passed through ``to_stored`` -> (uint8 (N, C, Hs, Ws),
+    int64 labels (N,)), ``size`` (Hs, Ws) the stored box; bad samples are skipped and logged."""
     images, labels = [], []
     for sample in raw_samples(urls, log):
         try:
@@ -393,7 +393,7 @@ def read_split(urls: list[str], channels: int, to_stored: Callable[[torch.Tensor
                             f"classes (labels 0 to {num_classes - 1}): the shards and their manifest disagree")
         images.append(to_stored(image))
         labels.append(label)
-        if len(images) * channels * size * size > max_bytes:
+        if len(images) * channels * size[0] * size[1] > max_bytes:
             raise DataError(f"the labelled shards do not fit in memory (over {max_bytes / (1 << 30):.1f} GiB decoded): "
                             "probing and fine-tuning read labelled shards into memory; use a smaller split")
     if not images:

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..config import ConfigError, ModelConfig
+from ..config import ConfigError, ModelConfig, format_img_size
 from ..methods import METHODS, MIMMethod, build_method, method_class
 from ..parts.encoder import training_attention
 from ..parts.tokens import BatchRandom
@@ -130,7 +130,7 @@ def bench(methods: Sequence[str] | None, model: ModelConfig, steps: int = 10, ba
         cost = method_cost(name, model, options.get(name))
         torch.manual_seed(0)
         method = build_method(name, model, options.get(name, {})).to(target)
-        images = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size,
+        images = torch.randn(batch_size, model.in_chans, *model.img_hw,
                              generator=torch.Generator().manual_seed(0)).to(target)
         results[name] = {"forward_macs": cost["macs"]["total"], "train_macs": cost["macs"]["train_step"],
                          "params": cost["params"]["trainable"],
@@ -173,7 +173,7 @@ def format_bench_table(result: dict[str, Any]) -> str:
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     machine, setup = result["machine"], result["setup"]
-    lines.append(f"{setup['model']} @ {setup['img_size']} px, patch {setup['patch_size']}, batch {setup['batch_size']},"
+    lines.append(f"{setup['model']} @ {format_img_size(setup['img_size'])} px, patch {setup['patch_size']}, batch {setup['batch_size']},"
                  f" median of {setup['steps']} steps; {machine['precision']} on {machine.get('gpu', machine['cpu'])}, "
                  f"{machine['threads']} threads, torch {machine['torch']}")
     return "\n".join(lines)
@@ -201,7 +201,7 @@ def save_bench_plot(result: dict[str, Any], out: str | Path) -> Path:
         axis.tick_params(axis="x", rotation=30)
         axis.margins(y=0.15)
     setup, machine = result["setup"], result["machine"]
-    figure.suptitle(f"{setup['model']} @ {setup['img_size']} px / patch {setup['patch_size']}, batch "
+    figure.suptitle(f"{setup['model']} @ {format_img_size(setup['img_size'])} px / patch {setup['patch_size']}, batch "
                     f"{setup['batch_size']}, {machine['precision']}, {machine.get('gpu', machine['cpu'])}", fontsize=9)
     figure.tight_layout()
     out = Path(out)

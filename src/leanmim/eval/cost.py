@@ -175,7 +175,7 @@ def method_cost(method_name: str, model: ModelConfig, options: dict[str, Any] | 
     """What ``leanmim cost`` prints: MACs per image (per part, total, train step) and parameters."""
     torch.manual_seed(0)
     method = build_method(method_name, model, options or {})
-    images = torch.randn(batch_size, model.in_chans, model.img_size, model.img_size)
+    images = torch.randn(batch_size, model.in_chans, *model.img_hw)
     result: dict[str, Any] = {
         "method": method_name, "model": model.name, "img_size": model.img_size, "patch_size": model.patch_size,
         "options": options_to_dict(build_options(method_name, options or {})),

@@ -43,7 +43,8 @@ from ..train.precision import default_device
 from ..train.run import check_output_file
 from ..weights import (finetune_data_stats, load_finetuned, load_run, read_finetune_entry, run_data_stats,
                        run_from_weights)
-from ..weights.export import pretraining_crop_pct, write_safetensors
+from ..weights.crop_pct import pretraining_crop_pct
+from ..weights.export import write_safetensors
 from ..weights.read import stated_preprocessing
 from .predict import eval_view, image_files, item_batches
 

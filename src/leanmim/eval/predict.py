@@ -3,8 +3,9 @@
 One image, as the fine-tuning evaluated it::
 
     file ─ decode (EXIF orientation, the model's channels)          uint8 (C, H, W)
-         ─ shorter side to round(img_size / crop_pct), bicubic, antialiased
-         ─ centre crop img_size, scale to [0, 1], normalise (the fine-tuning data's mean/std)   (C, S, S)
+         ─ shorter side to round(img_size / crop_pct), bicubic, antialiased (a non-square H x W: resized
+           keeping its aspect to cover floor(H / crop_pct) x floor(W / crop_pct), as timm)
+         ─ centre crop img_size, scale to [0, 1], normalise (the fine-tuning data's mean/std)   (C, H, W)
     batch ─▶ classifier ─▶ softmax (B, K); with the fine-tuning's --eval-hflip: the mean of the softmax of
              each image and of its mirror image (what it validated and selected with)
 
@@ -26,19 +27,19 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
-from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from ..config import ConfigError
+from ..data import eval_box, resize_and_crop
 
 DEFAULT_TOP_K = 5   # classes per image unless asked, at most the number of classes
 
 
-def eval_view(image: Tensor, img_size: int, crop_pct: float, mean, std) -> Tensor:
-    """uint8 (C, H, W) -> normalised float (C, img_size, img_size): the shorter side to round(img_size / crop_pct)
-    (bicubic, antialiased), then the centre img_size square."""
-    image = TF.resize(image, [round(img_size / crop_pct)], interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
-    image = TF.center_crop(image, [img_size, img_size]).float().div_(255)
+def eval_view(image: Tensor, img_size, crop_pct: float, mean, std) -> Tensor:
+    """uint8 (C, H, W) -> normalised float (C, height, width): the shorter side to round(img_size / crop_pct)
+    (bicubic, antialiased), then the centre img_size square. A non-square (height, width): resized keeping the
+    aspect ratio to cover floor(side / crop_pct) of each side, then the centre height x width (timm's eval view)."""
+    image = resize_and_crop(image, eval_box(img_size, crop_pct), img_size).float().div_(255)
     return TF.normalize(image, list(mean), list(std))
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..config import ConfigError, ModelConfig, option
+from ..config import ConfigError, ModelConfig, format_img_size, option
 from ..parts.losses import reconstruction_loss
 from ..parts.relpos import RELATIVE_TERMS, RelPosViTEncoder, check_relative_term
 from ..parts.tokens import (BatchRandom, gather_tokens, patchify, random_mask_of_size, random_windows, unpatchify,
@@ -80,7 +80,7 @@ class LoMaR(MIMMethod):
                               f"on the encoder); use --drop-path for the encoder's stochastic depth")
         if options.window_size > min(model.grid_size):
             raise ConfigError(f"window_size {options.window_size} does not fit the {model.grid_size[0]}×"
-                              f"{model.grid_size[1]} patch grid (img_size {model.img_size} / patch {model.patch_size}): "
+                              f"{model.grid_size[1]} patch grid (img_size {format_img_size(model.img_size)} / patch {model.patch_size}): "
                               f"use --window-size {min(model.grid_size)} or less")
         self.encoder = build_relpos_encoder(model, options.relative_term)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, model.embed_dim))

@@ -4,6 +4,7 @@
     read.py         read_weights: any file or directory --init-from takes -> canonical tensors + what the file says
     load.py         loading canonical tensors into an encoder/decoder: resizing, fit checks, refusals, notes
     checkpoints.py  a run's checkpoints and records read back: load_run (pretraining), load_finetuned (fine-tuning)
+    crop_pct.py     the evaluation view as timm's crop_pct, square and non-square (what exports and embed use)
     export.py       timm / transformers / safetensors exports of pretrainings and fine-tunings
     modelcard.py    the README.md model card written beside an export
 
@@ -20,10 +21,11 @@ from .read import (Weights, torch_load, read_safetensors, read_hf_directory, rea
 from .load import (grid_of, mae_interpolate_pos_embed, resized_table, load_line, fit_report, fit_error, eps_note,
                    check_heads, load_encoder, load_decoder, init_method_from, loaded_parts, check_init_from,
                    model_from_weights, run_from_weights, run_at_img_size, adapted_input_conv)
-from .export import (TIMM_FORMAT, RELPOS_FORMAT, timm_state_dict, timm_create_kwargs, timm_crop_pct,
+from .crop_pct import timm_crop_pct, eval_crop_pct, folder_crop_pct, pretraining_crop_pct
+from .export import (TIMM_FORMAT, RELPOS_FORMAT, timm_state_dict, timm_create_kwargs,
                      timm_pretrained_cfg, timm_model_args, write_safetensors, write_timm, export_encoder,
                      export_relpos_encoder, load_relpos_encoder, require_transformers, hf_vit_config, export_hf,
-                     export_finetuned, write_finetuned_folder, eval_crop_pct)
+                     export_finetuned, write_finetuned_folder)
 from .checkpoints import (STATE_PREFIX, find_checkpoint, read_checkpoint, checkpoint_step, newest_checkpoint,
                           LoadedRun, load_run, unfinished_pretraining, read_finetune_entry, selected_checkpoint,
                           FinetunedRun, load_finetuned, finetune_data_stats, run_data_stats)
@@ -38,7 +40,7 @@ __all__ = ["IGNORED", "HF_RENAMES", "QKV", "DECODER_NAMES", "hf_to_canonical_nam
            "RELPOS_FORMAT", "timm_state_dict", "timm_create_kwargs", "timm_crop_pct", "timm_pretrained_cfg",
            "timm_model_args", "write_safetensors", "write_timm", "export_encoder", "export_relpos_encoder",
            "load_relpos_encoder", "require_transformers", "hf_vit_config", "export_hf", "export_finetuned",
-           "write_finetuned_folder", "eval_crop_pct", "STATE_PREFIX", "find_checkpoint", "read_checkpoint",
+           "write_finetuned_folder", "eval_crop_pct", "folder_crop_pct", "pretraining_crop_pct", "STATE_PREFIX", "find_checkpoint", "read_checkpoint",
            "checkpoint_step", "newest_checkpoint", "LoadedRun", "load_run", "unfinished_pretraining",
            "read_finetune_entry", "selected_checkpoint", "FinetunedRun", "load_finetuned", "finetune_data_stats",
            "run_data_stats"]

@@ -17,13 +17,14 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from ..config import TIMM_NAMES, ConfigError, ModelConfig
+from ..config import TIMM_NAMES, ConfigError, ModelConfig, parse_img_size
 from ..files import atomic_write_text, publish, temporary_path
 from ..parts.classifier import TIMM_GLOBAL_POOL
 from ..parts.decoder import MaskedDecoder
 from ..parts.encoder import ViTEncoder
 from ..parts.relpos import RelPosViTEncoder
 from .checkpoints import FinetunedRun, finetune_data_stats, load_finetuned
+from .crop_pct import timm_crop_pct
 from .layouts import canonical_to_hf, decoder_canonical, encoder_canonical, hf_to_canonical_name
 from .read import read_safetensors
 
@@ -40,25 +41,16 @@ def timm_create_kwargs(model: ModelConfig) -> dict:
     """Arguments that make ``timm.create_model`` build the matching architecture."""
     if model.name not in TIMM_NAMES:
         raise ConfigError(f"model '{model.name}' has no timm counterpart")
-    return dict(model_name=TIMM_NAMES[model.name], img_size=model.img_size, patch_size=model.patch_size,
+    return dict(model_name=TIMM_NAMES[model.name], img_size=model.img_size, patch_size=model.patch_size,  # N or [H, W]
                 in_chans=model.in_chans, embed_dim=model.embed_dim, depth=model.depth, num_heads=model.num_heads,
                 mlp_ratio=model.mlp_ratio)
-
-
-def timm_crop_pct(img_size: int, crop_pct: float) -> float:
-    """``crop_pct`` nudged so that timm's ``floor(img_size / crop_pct)`` gives leanmim's resized side exactly
-    (16 / (16 / 18) is 17.999… in floating point)."""
-    target = round(img_size / crop_pct)
-    while math.floor(img_size / crop_pct) < target:
-        crop_pct = math.nextafter(crop_pct, 0.0)
-    return crop_pct
 
 
 def timm_pretrained_cfg(model: ModelConfig, mean=None, std=None, num_classes: int = 0, crop_pct: float = 1.0,
                         label_names: list[str] | None = None) -> dict[str, Any]:
     """timm's ``pretrained_cfg`` facts for these weights: input size, the evaluation view (``crop_pct``: crop side /
     resized shorter side, centre crop), normalisation of the training data, stem and head names, class names."""
-    cfg: dict[str, Any] = {"input_size": [model.in_chans, model.img_size, model.img_size], "fixed_input_size": True,
+    cfg: dict[str, Any] = {"input_size": [model.in_chans, *model.img_hw], "fixed_input_size": True,
                            "interpolation": "bicubic", "crop_pct": timm_crop_pct(model.img_size, crop_pct),
                            "crop_mode": "center", "num_classes": num_classes, "first_conv": "patch_embed.proj",
                            "classifier": "head"}
@@ -114,7 +106,7 @@ def write_timm(state: dict[str, Tensor], model: ModelConfig, out: str | Path, pr
 def export_encoder(encoder: ViTEncoder, model: ModelConfig, out: str | Path, mean=None, std=None,
                    crop_pct: float = 1.0) -> Path:
     """Write a pretrained encoder for timm (see :func:`write_timm`); ``mean``/``std``: the training data's,
-    ``crop_pct`` its evaluation view (:func:`pretraining_crop_pct`)."""
+    ``crop_pct`` its evaluation view (:func:`~leanmim.weights.crop_pct.pretraining_crop_pct`)."""
     if isinstance(encoder, RelPosViTEncoder):
         return export_relpos_encoder(encoder, out)
     return write_timm(timm_state_dict(encoder), model, out, timm_pretrained_cfg(model, mean, std, crop_pct=crop_pct),
@@ -133,7 +125,8 @@ def load_relpos_encoder(path: str | Path, img_size: int | None = None) -> RelPos
     state, metadata = read_safetensors(Path(path))
     if metadata.get("format") != RELPOS_FORMAT:
         raise ConfigError(f"'{path}' is not a {RELPOS_FORMAT} export (format: {metadata.get('format')})")
-    sizes = {key: int(metadata[key]) for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    sizes = {key: int(metadata[key]) for key in ("patch_size", "in_chans", "embed_dim", "depth", "num_heads")}
+    sizes["img_size"] = parse_img_size(metadata["img_size"])   # "224", or "[64, 96]" for a non-square export
     if img_size is not None:
         sizes["img_size"] = img_size
     # exports written before the "relative_term" key existed used the "scaled" form
@@ -154,7 +147,8 @@ def require_transformers():
 def hf_vit_config(model: ModelConfig) -> dict[str, Any]:
     return dict(hidden_size=model.embed_dim, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
                 intermediate_size=int(model.embed_dim * model.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
-                image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
+                image_size=model.img_size if isinstance(model.img_size, int) else list(model.img_hw),
+                patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
@@ -162,11 +156,23 @@ def hf_preprocessor_config(model: ModelConfig, mean, std, crop_pct: float) -> di
     """``preprocessor_config.json`` that makes ``AutoImageProcessor`` reproduce leanmim's evaluation view: the
     shorter side to round(img_size / crop_pct) (bicubic, antialiased), the centre img_size square, [0, 1], the data's
     mean/std. A ``CLIPImageProcessor`` (the same keys in transformers 4.40+ and 5): ``ViTImageProcessor`` resizes
-    to a square, changing the aspect ratio, and cannot centre-crop."""
-    side = model.img_size
+    to a square, changing the aspect ratio, and cannot centre-crop.
+
+    A non-square H x W: leanmim resizes each image to cover floor(H / crop_pct) x floor(W / crop_pct) keeping its
+    aspect ratio, which no transformers processor can say; the shorter side goes to the longer of the two
+    (exact for square images, a closer crop of images shaped like the input); the export says so in a warning."""
+    from ..data import eval_box
+
+    height, width = model.img_hw
+    box = eval_box(model.img_size, crop_pct)
+    if height != width:
+        warnings.warn(f"preprocessor_config.json: transformers' image processors cannot resize to cover a non-square "
+                      f"{box[0]}x{box[1]} box keeping the aspect ratio, as leanmim and timm do; it resizes the shorter "
+                      f"side to {max(box)} and centre-crops {height}x{width}, exact for square images, a closer crop of "
+                      f"others: for the exact view use the timm export or 'leanmim embed'")
     return {"image_processor_type": "CLIPImageProcessor", "do_resize": True,
-            "size": {"shortest_edge": round(side / crop_pct)}, "resample": 3, "do_center_crop": True,
-            "crop_size": {"height": side, "width": side}, "do_rescale": True, "rescale_factor": 1 / 255,
+            "size": {"shortest_edge": max(box)}, "resample": 3, "do_center_crop": True,
+            "crop_size": {"height": height, "width": width}, "do_rescale": True, "rescale_factor": 1 / 255,
             "do_normalize": True, "image_mean": [float(v) for v in mean], "image_std": [float(v) for v in std],
             "do_convert_rgb": model.in_chans == 3}
 
@@ -235,6 +241,11 @@ def export_hf(method: nn.Module, model: ModelConfig, out: str | Path, options: d
     transformers = require_transformers()
     canonical = encoder_canonical(encoder)
     pixel_decoder = isinstance(decoder, MaskedDecoder) and decoder.head.out_features == model.patch_dim
+    if pixel_decoder and model.grid_size[0] != model.grid_size[1]:
+        warnings.warn(f"transformers' ViTMAE builds its position tables for square patch grids only; this run's grid is "
+                      f"{model.grid_size[0]}x{model.grid_size[1]}: the encoder is exported as a ViTModel, without the "
+                      f"decoder (the decoder is in the run's checkpoint)")
+        pixel_decoder = False
     if pixel_decoder:
         canonical.update(decoder_canonical(decoder))
         config = transformers.ViTMAEConfig(
@@ -404,31 +415,3 @@ def write_finetuned_folder(loaded: FinetunedRun, state: dict[str, Tensor], metad
     atomic_write_text(out / "config.json", json.dumps(config, indent=2))
     write_model_card(out, loaded.checkpoint_path, "timm", classifier=True)
     return out
-
-
-def eval_crop_pct(splits, img_size: int) -> float:
-    """The evaluation view as timm's ``crop_pct`` (crop side / resized shorter side): folders and folder shards are
-    resized to stored_size(img_size) (8/7) and centre-cropped; idx data (and shards of it) only resized (1.0)."""
-    from ..data import stored_size
-
-    transform = splits.batch_transform
-    if transform is not None and getattr(transform, "crop_size", None) is None:
-        return 1.0
-    return img_size / stored_size(img_size)
-
-
-def pretraining_crop_pct(config) -> float:
-    """The evaluation view of a pretraining run as ``crop_pct``, as its probe on the same kind of data sees images:
-    1.0 (plain resize) when it was pretrained on idx data or shards of it, else the folder view (resize to
-    stored_size(img_size), centre crop). A data path that no longer resolves counts as a folder."""
-    from ..data import FASHION_MNIST_ALIASES, DataError, default_img_size, stored_size
-
-    img_size, path = config.model.img_size, str(config.data.path)
-    if path.lower() in FASHION_MNIST_ALIASES:
-        return 1.0
-    try:
-        native = default_img_size(path)
-    except (DataError, ConfigError, OSError):
-        native = None
-    return 1.0 if native is not None else img_size / stored_size(img_size)
-

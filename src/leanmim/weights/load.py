@@ -13,41 +13,44 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..config import MODEL_PRESETS, ConfigError, ModelConfig
+from ..config import MODEL_PRESETS, ConfigError, ModelConfig, format_img_size, parse_img_size
 from ..parts.decoder import MaskedDecoder
 from ..parts.encoder import ViTEncoder
 from .layouts import DECODER_NAMES, grid_of, is_decoder_key
-from .read import Weights, check_transformers_config, describe_encoder, read_weights, unsupported_reason
+from .read import Weights, check_transformers_config, describe_encoder, read_weights, table_grid, unsupported_reason
 
 
-def mae_interpolate_pos_embed(table: Tensor, grid: tuple[int, int]) -> Tensor:
+def mae_interpolate_pos_embed(table: Tensor, grid: tuple[int, int], old_grid: tuple[int, int] | None = None) -> Tensor:
     """The MAE reference's ``util/pos_embed.interpolate_pos_embed`` (= transformers ViTMAE's
     ``interpolate_pos_encoding``): (1, 1 + L', D) -> (1, 1 + L, D), cls row kept, patch rows resized by
     ``F.interpolate(mode="bicubic", align_corners=False)`` without antialiasing."""
-    old = grid_of(table)
-    patches = table[:, 1:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
+    rows, cols = old_grid or (grid_of(table),) * 2
+    patches = table[:, 1:].reshape(1, rows, cols, -1).permute(0, 3, 1, 2)
     patches = torch.nn.functional.interpolate(patches, size=tuple(grid), mode="bicubic", align_corners=False)
     return torch.cat([table[:, :1], patches.permute(0, 2, 3, 1).flatten(1, 2)], dim=1)
 
 
-def resized_table(table: Tensor, grid: tuple[int, int], what: str, notes: list[str], layout: str = "timm") -> Tensor:
+def resized_table(table: Tensor, grid: tuple[int, int], what: str, notes: list[str], layout: str = "timm",
+                  old_grid: tuple[int, int] | None = None) -> Tensor:
     """(1, 1 + L', D) or (L', D) -> (1, 1 + L, D), resampled when L' ≠ L as the file's own library does: timm's
     ``resample_abs_pos_embed`` (bicubic, antialiased) for timm files and leanmim's (which export timm files), the
-    MAE reference's ``interpolate_pos_embed`` (bicubic, no antialias) for MAE-reference and transformers files."""
+    MAE reference's ``interpolate_pos_embed`` (bicubic, no antialias) for MAE-reference and transformers files.
+    The table's own grid is ``old_grid`` (rows, columns) when given (a leanmim run's, which may be non-square),
+    else the square its row count makes."""
     from timm.layers import resample_abs_pos_embed
 
     table = table.float()
     if table.dim() == 2:
         table = table.unsqueeze(0)
-    old = grid_of(table)
-    if (old, old) != tuple(grid):
+    old = tuple(old_grid) if old_grid is not None else (grid_of(table),) * 2
+    if old != tuple(grid):
         if layout in ("MAE reference", "transformers"):
-            table = mae_interpolate_pos_embed(table, grid)
+            table = mae_interpolate_pos_embed(table, grid, old)
             how = "the MAE reference's interpolate_pos_embed (bicubic, no antialias)"
         else:
-            table = resample_abs_pos_embed(table, list(grid), [old, old], num_prefix_tokens=1)
+            table = resample_abs_pos_embed(table, list(grid), list(old), num_prefix_tokens=1)
             how = "timm's resample_abs_pos_embed (bicubic, antialiased)"
-        notes.append(f"{what} resized from a {old}×{old} to a {grid[0]}×{grid[1]} grid by {how}")
+        notes.append(f"{what} resized from a {old[0]}×{old[1]} to a {grid[0]}×{grid[1]} grid by {how}")
     return table
 
 
@@ -115,12 +118,15 @@ def load_encoder(encoder: ViTEncoder, weights: Weights, heads_given: bool = Fals
                           f"drop --init-from or choose a method with an absolute-position ViT")
     notes: list[str] = []
     state = {key: value for key, value in weights.state.items() if not is_decoder_key(key)}
-    reason = unsupported_reason(state)
+    grid = stated_grid(state, weights)
+    reason = unsupported_reason(state, grid)
     if reason:
         raise ConfigError(f"'{weights.source}' cannot be loaded: {reason}; leanmim reads plain ViTs (MAE, timm "
                           f"vit_*_patch*, transformers ViT/ViTMAE)")
-    ours = f"{encoder.embed_dim}-d, {encoder.depth} blocks, patch {encoder.patch_size}, {encoder.grid_size[0]}² grid"
-    hint = (f"its encoder is {describe_encoder(state)}, this model's {ours}: choose the matching --model "
+    rows, cols = encoder.grid_size
+    ours = (f"{encoder.embed_dim}-d, {encoder.depth} blocks, patch {encoder.patch_size}, "
+            f"{f'{rows}²' if rows == cols else f'{rows}×{cols}'} grid")
+    hint = (f"its encoder is {describe_encoder(state, weights.config)}, this model's {ours}: choose the matching --model "
             f"(or --embed-dim, --depth, --num-heads, --patch-size)")
     check_transformers_config(weights)
     check_heads(weights.config.get("num_heads"), encoder.num_heads, "encoder", "--num-heads", weights.source)
@@ -131,7 +137,7 @@ def load_encoder(encoder: ViTEncoder, weights: Weights, heads_given: bool = Fals
     notes += eps_note(weights)
     if "pos_embed" in state:
         table = resized_table(state.pop("pos_embed"), encoder.grid_size, "encoder position table", notes,
-                              weights.layout)
+                              weights.layout, old_grid=grid)
         if "cls_token" in state and table.shape[-1] == state["cls_token"].shape[-1]:
             state["cls_token"] = state["cls_token"].float() + table[:, :1]
         state["pos_embed"] = table[0, 1:]
@@ -232,6 +238,19 @@ def check_init_from(method_name: str, model: ModelConfig, options: dict[str, Any
         init_method_from(method, weights)
 
 
+def stated_grid(state: dict[str, Tensor], weights: Weights) -> tuple[int, int] | None:
+    """The (rows, columns) of the file's encoder position table (:func:`table_grid`: the grid its stated input size
+    makes, else a square), None without a table or patch embedding."""
+    table, patch = state.get("pos_embed"), state.get("patch_embed.proj.weight")
+    if not isinstance(table, Tensor) or table.dim() not in (2, 3) or not isinstance(patch, Tensor) or patch.dim() != 4:
+        return None
+    table = table if table.dim() == 3 else table.unsqueeze(0)
+    try:
+        return table_grid(table, weights.config, patch.shape[-1])
+    except ConfigError:
+        return None   # no square either: unsupported_reason says why in one line
+
+
 def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: int | None = None,
                        num_heads: int | None = None) -> ModelConfig:
     """The encoder architecture the weights describe (for fine-tuning weights that come without a leanmim run).
@@ -254,9 +273,12 @@ def model_from_weights(weights: Weights, in_chans: int | None = None, img_size: 
                                                               else max(1, embed_dim // 64))
     exact = [name for name, preset in presets if preset["depth"] == depth and preset["patch_size"] == patch_size]
     name = exact[0] if exact else presets[0][0] if presets else "vit_base_patch16"
-    grid = grid_of(state["pos_embed"].reshape(1, -1, embed_dim)) if "pos_embed" in state else 224 // patch_size
+    if "pos_embed" in state:   # the grid the file states (a non-square one), else the square of its table
+        rows, cols = table_grid(state["pos_embed"].reshape(1, -1, embed_dim), weights.config, patch_size)
+    else:
+        rows = cols = 224 // patch_size
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim if "blocks.0.mlp.fc1.weight" in state else 4.0
-    return ModelConfig(name=name, img_size=img_size or grid * patch_size, patch_size=patch_size,
+    return ModelConfig(name=name, img_size=img_size or [rows * patch_size, cols * patch_size], patch_size=patch_size,
                        in_chans=in_chans or patch.shape[1], embed_dim=embed_dim, depth=depth, num_heads=int(heads),
                        mlp_ratio=mlp_ratio).resolved()
 
@@ -280,7 +302,7 @@ def run_from_weights(path: str | Path, data: str, num_heads: int | None = None, 
     return LoadedRun(config, method.eval(), Path(weights.source), 0, 0)
 
 
-def run_at_img_size(loaded, img_size: int):
+def run_at_img_size(loaded, img_size):
     """(the :class:`~leanmim.weights.checkpoints.LoadedRun` ``loaded`` rebuilt for ``img_size``-pixel images, notes):
     the same weights, each absolute position table (L', D) of another grid resized to (L, D) by
     :func:`resized_table`'s rule for leanmim's own weights (timm's, the layout leanmim exports); relative-position
@@ -290,6 +312,7 @@ def run_at_img_size(loaded, img_size: int):
     from ..methods import build_method
 
     old = loaded.config.model
+    img_size = parse_img_size(img_size)   # N or [H, W]
     if img_size == old.img_size:
         return loaded, []
     model = dataclasses.replace(old, img_size=img_size)
@@ -298,14 +321,16 @@ def run_at_img_size(loaded, img_size: int):
     expected = method.state_dict()
     state, notes = {}, []
     for key, value in loaded.method.state_dict().items():
-        if key.endswith("pos_embed") and value.dim() == 2 and key in expected and expected[key].shape != value.shape:
+        # by grid, not by shape: a 4×6 table and a 6×4 one have the same shape
+        if key.endswith("pos_embed") and value.dim() == 2 and key in expected and (
+                expected[key].shape != value.shape or old.grid_size != model.grid_size):
             with_cls = torch.cat([value.new_zeros(1, value.shape[-1]), value]).unsqueeze(0)   # (1, 1 + L', D)
-            value = resized_table(with_cls, model.grid_size, key, [])[0, 1:].to(value.dtype)
+            value = resized_table(with_cls, model.grid_size, key, [], old_grid=old.grid_size)[0, 1:].to(value.dtype)
         state[key] = value
     report = fit_report(method, state)
     if any(report):
         raise fit_error(str(loaded.checkpoint_path), loaded.config.method, report,
-                        f"fine-tune at its own --img-size {old.img_size}")
+                        f"fine-tune at its own --img-size {format_img_size(old.img_size)}")
     method.load_state_dict(state)
     if "encoder.pos_embed" in state:
         notes.append(f"encoder position table resized from a {old.grid_size[0]}×{old.grid_size[1]} to a "

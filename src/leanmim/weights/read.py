@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..config import ConfigError
+from ..config import ConfigError, image_hw, parse_img_size
 from ..parts.decoder import MaskedDecoder
 from ..parts.encoder import ViTEncoder
 from .layouts import (IGNORED, decoder_canonical, encoder_canonical, from_hf, from_leanmim_method, grid_of,
@@ -131,13 +131,14 @@ def read_weights(path: str | Path) -> Weights:
                 if "num_heads" in model_args:
                     model_args = {**model_args, "num_heads": stated_count(model_args["num_heads"], "model_args.num_heads",
                                                                           str(source / "config.json"))}
-                return canonical_weights(state, "timm", str(source), model_args)
+                size = model_args.get("img_size") or ((config.get("pretrained_cfg") or {}).get("input_size") or [])[1:]
+                return canonical_weights(state, "timm", str(source), {**model_args, "img_size": stated_img_size(size)})
             where = str(source / "config.json")
             hf = {"num_heads": stated_count(config.get("num_attention_heads"), "num_attention_heads", where),
                   "decoder_num_heads": stated_count(config.get("decoder_num_attention_heads"),
                                                     "decoder_num_attention_heads", where),
                   "layer_norm_eps": config.get("layer_norm_eps"), "hidden_act": config.get("hidden_act"),
-                  "qkv_bias": config.get("qkv_bias")}
+                  "qkv_bias": config.get("qkv_bias"), "img_size": stated_img_size(config.get("image_size"))}
             return canonical_weights(from_hf(state), "transformers", str(source), hf)
         return leanmim_run_weights(source)
     if source.suffix == ".safetensors":
@@ -147,6 +148,7 @@ def read_weights(path: str | Path) -> Weights:
                               f"absolute positions")
         facts = {key: stated_count(metadata[key], f"metadata {key}", str(source))
                  for key in ("num_heads",) if key in metadata}
+        facts["img_size"] = stated_img_size(_json_or_none(metadata.get("pretrained_cfg")).get("input_size", [])[1:])
         return canonical_weights(state, "leanmim export" if "format" in metadata else "timm", str(source), facts)
     loaded = torch_load(source)
     if isinstance(loaded, dict) and isinstance(loaded.get("leanmim"), dict):
@@ -176,7 +178,8 @@ def leanmim_run_weights(path: Path) -> Weights:
         state.update(decoder_canonical(method.decoder))
     model = loaded.config.model
     return Weights(state, "leanmim", str(loaded.checkpoint_path),
-                   {"num_heads": model.num_heads, "decoder_num_heads": model.decoder_num_heads})
+                   {"num_heads": model.num_heads, "decoder_num_heads": model.decoder_num_heads,
+                    "img_size": model.img_size})
 
 
 def canonical_weights(state: dict[str, Any], layout: str, source: str, config: dict | None = None) -> Weights:
@@ -195,8 +198,43 @@ def canonical_weights(state: dict[str, Any], layout: str, source: str, config: d
     return Weights(state, layout, source, {key: value for key, value in (config or {}).items() if value is not None})
 
 
-def unsupported_reason(state: dict[str, Tensor]) -> str | None:
-    """Why a ViT in canonical names is one leanmim's blocks cannot compute (None: it can)."""
+def stated_img_size(value: Any) -> int | list[int] | None:
+    """The input size a file's config states (timm's ``img_size`` / ``input_size[1:]``, transformers' ``image_size``),
+    as an int or [height, width]; None when it states none or something that is not a size."""
+    if value in (None, [], ""):
+        return None
+    try:
+        return parse_img_size(value)
+    except ConfigError:
+        return None
+
+
+def _json_or_none(text: str | None) -> dict[str, Any]:
+    try:
+        found = json.loads(text) if text else {}
+    except ValueError:
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def table_grid(table: Tensor, weights_config: dict[str, Any] | None = None, patch_size: int | None = None
+               ) -> tuple[int, int]:
+    """(rows, columns) of the patch grid of a (1, 1 + L, D) position table: the one the file's stated input size
+    makes (``weights_config["img_size"]`` / ``patch_size``) when its L patches fit it, which a non-square grid
+    needs; else the square of L patches (a one-line error when L is no square)."""
+    size = (weights_config or {}).get("img_size")
+    if size is not None and patch_size:
+        height, width = image_hw(size)
+        rows, cols = height // patch_size, width // patch_size
+        if rows * cols == table.shape[1] - 1 and height % patch_size == 0 == width % patch_size:
+            return rows, cols
+    side = grid_of(table)
+    return side, side
+
+
+def unsupported_reason(state: dict[str, Tensor], grid: tuple[int, int] | None = None) -> str | None:
+    """Why a ViT in canonical names is one leanmim's blocks cannot compute (None: it can). ``grid``: the patch grid
+    the file states (:func:`table_grid`), which lets a non-square table through."""
     keys = list(state)
     if any(re.search(r"\.(ls[12]\.gamma|gamma_[12])$", key) for key in keys):
         return "its blocks have layer scale (ls1/ls2), which leanmim's ViT blocks lack"
@@ -210,18 +248,22 @@ def unsupported_reason(state: dict[str, Tensor]) -> str | None:
     if any(re.search(r"\.attn\.(q|k)_norm\.", key) for key in keys):
         return "its attention normalises q and k (qk_norm), which leanmim's blocks do not"
     table = state.get("pos_embed")
-    if table is not None and table.dim() == 3 and math.isqrt(table.shape[1] - 1) ** 2 != table.shape[1] - 1:
+    if table is not None and table.dim() == 3 and math.isqrt(table.shape[1] - 1) ** 2 != table.shape[1] - 1 and (
+            grid is None or grid[0] * grid[1] != table.shape[1] - 1):
         return (f"its position table has {table.shape[1]} rows, not cls + a square grid (extra prefix tokens such "
                 f"as registers or distillation, or no cls row)")
     return None
 
 
-def describe_encoder(state: dict[str, Tensor]) -> str:
+def describe_encoder(state: dict[str, Tensor], weights_config: dict[str, Any] | None = None) -> str:
     weight = state.get("patch_embed.proj.weight")
     depth = len({key.split(".")[1] for key in state if key.startswith("blocks.")})
     if weight is None or weight.dim() != 4:
         return f"{depth} blocks"
-    grid = f", {grid_of(state['pos_embed'])}² grid" if "pos_embed" in state and state["pos_embed"].dim() == 3 else ""
+    grid = ""
+    if "pos_embed" in state and state["pos_embed"].dim() == 3:
+        rows, cols = table_grid(state["pos_embed"], weights_config, weight.shape[-1])
+        grid = f", {rows}² grid" if rows == cols else f", {rows}×{cols} grid"
     return f"{weight.shape[0]}-d, {depth} blocks, patch {weight.shape[-1]}{grid}"
 
 
