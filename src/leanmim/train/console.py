@@ -24,6 +24,7 @@ import warnings
 from pathlib import Path
 from typing import Iterator, TextIO
 
+from ..config import format_img_size
 from .messages import leanmim_showwarning, recording_warnings
 from .precision import precision_reason
 
@@ -147,8 +148,9 @@ def pretrain_summary_rows(config, method_module, data, trainer, steps_per_epoch:
     encoder = getattr(method_module, "encoder", None)
     params = count_parameters(method_module)
     encoder_params = count_parameters(encoder) if encoder is not None else None
-    model_text = (f"{model.name} ({model.embed_dim} wide, {model.depth} blocks, {model.num_heads} heads, patch "
-                  f"{model.patch_size}) at {format_img_size(model)} px, {model.in_chans} channel"
+    model_text = (f"{model.name} ({model.embed_dim} wide, {plural(model.depth, 'block')}, "
+                  f"{plural(model.num_heads, 'head')}, patch "
+                  f"{model.patch_size}) at {format_img_size(model.img_size)} px, {model.in_chans} channel"
                   f"{'s' if model.in_chans > 1 else ''}; {format_count(params)} parameters"
                   + (f" ({format_count(encoder_params)} in the encoder)" if encoder_params else ""))
     skipped = len(getattr(data, "skipped_files", []) or [])
@@ -156,7 +158,7 @@ def pretrain_summary_rows(config, method_module, data, trainer, steps_per_epoch:
                                                                       if skipped else ", none skipped")
     notes = getattr(data, "notes", None)
     batch = config.train.batch_size * trainer.world_size * config.train.accumulate_grad_batches
-    epochs = (f"{config.train.epochs} epochs" if config.train.max_steps <= 0
+    epochs = (plural(config.train.epochs, "epoch") if config.train.max_steps <= 0
               else f"--max-steps {config.train.max_steps}")
     if resume_from is not None:
         resumed = f"{resume_from} (step {resume_step if resume_step is not None else '?'})"
@@ -188,8 +190,9 @@ def finetune_summary_rows(settings, loaded, classifier, data: str, splits, subse
         source = f"{settings.init_from} (published weights, --init-from)"
     else:
         source = f"{loaded.checkpoint_path} ({method} pretraining, step {loaded.global_step:,})"
-    model_text = (f"{model.name} ({model.embed_dim} wide, {model.depth} blocks, {model.num_heads} heads, patch "
-                  f"{model.patch_size}) at {format_img_size(model)} px, {model.in_chans} channel"
+    model_text = (f"{model.name} ({model.embed_dim} wide, {plural(model.depth, 'block')}, "
+                  f"{plural(model.num_heads, 'head')}, patch "
+                  f"{model.patch_size}) at {format_img_size(model.img_size)} px, {model.in_chans} channel"
                   f"{'s' if model.in_chans > 1 else ''}; {settings.pool} head, {format_count(count_parameters(classifier))}"
                   f" parameters")
     counts = subsets.counts()
@@ -197,7 +200,8 @@ def finetune_summary_rows(settings, loaded, classifier, data: str, splits, subse
                  f"{counts['num_test']:,} test images; {splits.num_classes} classes")
     batch = settings.batch_size * trainer.world_size
     rows = [("source", source), ("model", model_text)] + [("", note) for note in notes] + [("data", data_text)]
-    rows += [("steps", f"{steps_per_epoch:,} per epoch, {total_steps:,} in total ({settings.epochs} epochs, global "
+    rows += [("steps", f"{steps_per_epoch:,} per epoch, {total_steps:,} in total "
+                       f"({plural(settings.epochs, 'epoch')}, global "
                        f"batch {batch})"),
              ("precision", precision_reason(settings.precision, precision, settings.accelerator)),
              ("devices", describe_devices(trainer)),
@@ -206,9 +210,9 @@ def finetune_summary_rows(settings, loaded, classifier, data: str, splits, subse
     return rows
 
 
-def format_img_size(model) -> str:
-    height, width = getattr(model, "img_hw", (model.img_size, model.img_size))
-    return f"{height}" if height == width else f"{height}x{width}"
+def plural(count: int, noun: str) -> str:
+    """``1 block``, ``2 blocks``."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def describe_devices(trainer) -> str:
