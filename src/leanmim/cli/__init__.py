@@ -39,23 +39,6 @@ def worker_error(message: str) -> str | None:
 
 
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory", "cannot allocate memory")  # torch CPU and CUDA allocators
-PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
-             "Socket Timeout", "Timed out waiting", "ProcessGroupNCCL's watchdog")
-
-
-def peer_lost(err: Exception) -> str | None:
-    """The one line for a multi-process run whose other process died (killed, out of memory, its node lost): the
-    collective this process was in fails with a transport error from gloo or NCCL."""
-    message = str(err)
-    distributed = type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or "gloo" in message \
-        or "NCCL" in message or "ProcessGroup" in message
-    if not distributed or not any(marker in message for marker in PEER_LOST):
-        return None
-    return ("another process of this multi-process run stopped (its connection was lost in the middle of a collective "
-            "operation); the last checkpoint is intact: find why it stopped (the launcher's report names it: out of "
-            "memory, killed, node lost), then rerun the same command to resume")
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command. Every failure ends in one ``leanmim: error:`` line and exit code 2 (a signal that stopped
     training: one ``leanmim: interrupted`` line and 128 + the signal number, e.g. 130 for Ctrl-C)."""
@@ -98,6 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"previous checkpoint is intact; free disk space (or point --out elsewhere), then rerun to resume",
                   file=sys.stderr)
             return 2
+        if getattr(err, "leanmim_reported", False):   # its line is out already (train/messages.report_peer_lost)
+            return 2
+        from ..train.messages import peer_lost
+
         lost = peer_lost(err)
         if lost is not None:
             print(f"leanmim: error: {lost}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """How leanmim's own warnings are printed: one ``leanmim: warning: …`` line each, whichever folder of the package
-raised them; third-party warnings as Python prints them. Stdlib only, so that every command (even the torch-free
+raised them; third-party warnings as Python prints them. And the one line of a multi-process run whose other
+process died (``peer_lost``), printed as the collective fails. Stdlib only, so that every command (even the torch-free
 ``leanmim methods`` and ``--help``) can run inside :func:`leanmim_warnings`.
 """
 
@@ -46,3 +47,36 @@ def leanmim_warnings() -> Iterator[None]:
         if not recording_warnings():
             warnings.showwarning = leanmim_showwarning
         yield
+
+
+PEER_LOST = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "Socket Timeout", "Timed out waiting", "ProcessGroupNCCL's watchdog")
+
+
+def peer_lost(err: Exception) -> str | None:
+    """The one line for a multi-process run whose other process died (killed, out of memory, its node lost): the
+    collective this process was in fails with a transport error from gloo or NCCL."""
+    message = str(err)
+    distributed = type(err).__name__ in ("DistBackendError", "DistNetworkError", "DistError") or "gloo" in message \
+        or "NCCL" in message or "ProcessGroup" in message
+    if not distributed or not any(marker in message for marker in PEER_LOST):
+        return None
+    return ("another process of this multi-process run stopped (its connection was lost in the middle of a collective "
+            "operation); the last checkpoint is intact: find why it stopped (the launcher's report names it: out of "
+            "memory, killed, node lost), then rerun the same command to resume")
+
+
+def report_peer_lost(err: BaseException) -> bool:
+    """Print the one line of :func:`peer_lost` for ``err`` now, once, and mark it reported (True when it was one).
+    Called where a multi-process run's collective fails: the launcher (torchrun) sends this process SIGTERM as soon
+    as it sees the other one die, and Lightning's teardown has put SIGTERM's default action back, so the line must
+    be out before that signal lands; ``leanmim``'s error handler then prints nothing more."""
+    line = peer_lost(err) if isinstance(err, Exception) else None
+    if line is None or getattr(err, "leanmim_reported", False):
+        return line is not None
+    try:
+        print(f"leanmim: error: {line}", file=sys.stderr, flush=True)
+    except OSError:
+        pass
+    err.leanmim_reported = True
+    return True

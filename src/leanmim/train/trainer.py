@@ -25,6 +25,7 @@ from ..files import CHECKPOINT_DIR, LAST_CHECKPOINT, temporary_path
 from ..weights import checkpoint_step
 from .console import RunProgress
 from .loggers import build_loggers, continue_logs
+from .messages import report_peer_lost
 from .optim import resume_position
 from .precision import lightning_precision
 
@@ -275,6 +276,8 @@ class StopOnSignal(Callback):
 
     def on_exception(self, trainer, pl_module, exception) -> None:
         self._restore()
+        if trainer.world_size > 1:   # before Lightning's teardown: the launcher's SIGTERM may follow at once
+            report_peer_lost(exception)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stop = self.received is not None
