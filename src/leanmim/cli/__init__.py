@@ -81,13 +81,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"previous checkpoint is intact; free disk space (or point --out elsewhere), then rerun to resume",
                   file=sys.stderr)
             return 2
-        if getattr(err, "leanmim_reported", False):   # its line is out already (train/messages.report_peer_lost)
-            return 2
-        from ..train.messages import peer_lost
+        from ..train.messages import peer_lost, peer_lost_reported
 
         lost = peer_lost(err)
-        if lost is not None:
-            print(f"leanmim: error: {lost}", file=sys.stderr)
+        if lost is not None or peer_lost_reported():   # out already when the collective failed: not twice
+            if not peer_lost_reported():
+                print(f"leanmim: error: {lost}", file=sys.stderr)
             return 2
         worker = worker_error(str(err))
         if worker is not None:  # an error inside a DataLoader worker arrives as a flattened traceback: its last line

@@ -66,17 +66,26 @@ def peer_lost(err: Exception) -> str | None:
             "memory, killed, node lost), then rerun the same command to resume")
 
 
+_PEER_LOST_REPORTED: list[bool] = []   # set once this process has printed the peer-lost line
+
+
 def report_peer_lost(err: BaseException) -> bool:
-    """Print the one line of :func:`peer_lost` for ``err`` now, once, and mark it reported (True when it was one).
+    """Print the one line of :func:`peer_lost` for ``err`` now, once per process (True when ``err`` is one).
     Called where a multi-process run's collective fails: the launcher (torchrun) sends this process SIGTERM as soon
     as it sees the other one die, and Lightning's teardown has put SIGTERM's default action back, so the line must
-    be out before that signal lands; ``leanmim``'s error handler then prints nothing more."""
+    be out before that signal lands. ``leanmim``'s error handler prints nothing more (:func:`peer_lost_reported`):
+    the exception that reaches it may be another object wrapping this one."""
     line = peer_lost(err) if isinstance(err, Exception) else None
-    if line is None or getattr(err, "leanmim_reported", False):
+    if line is None or _PEER_LOST_REPORTED:
         return line is not None
     try:
         print(f"leanmim: error: {line}", file=sys.stderr, flush=True)
     except OSError:
         pass
-    err.leanmim_reported = True
+    _PEER_LOST_REPORTED.append(True)
     return True
+
+
+def peer_lost_reported() -> bool:
+    """Whether this process has printed the peer-lost line already."""
+    return bool(_PEER_LOST_REPORTED)
