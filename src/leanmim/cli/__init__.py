@@ -83,10 +83,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         from ..train.messages import peer_lost, peer_lost_reported
 
+        if peer_lost_reported():   # its line is out already, printed when the collective failed: not twice
+            return 2
         lost = peer_lost(err)
-        if lost is not None or peer_lost_reported():   # out already when the collective failed: not twice
-            if not peer_lost_reported():
-                print(f"leanmim: error: {lost}", file=sys.stderr)
+        if lost is not None:
+            print(f"leanmim: error: {lost}", file=sys.stderr)
             return 2
         worker = worker_error(str(err))
         if worker is not None:  # an error inside a DataLoader worker arrives as a flattened traceback: its last line

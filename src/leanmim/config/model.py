@@ -189,8 +189,7 @@ class ModelConfig:
                 values[key] = default
         if "mlp_ratio" in preset and self.mlp_ratio == 4.0:  # the field's default: the timm model's ratio
             values["mlp_ratio"] = preset["mlp_ratio"]
-        size = values["img_size"] or native_img_size or preset.get("img_size") or 224
-        values["img_size"] = parse_img_size(size)   # 224, or [height, width] when not square
+        values["img_size"] = values["img_size"] or native_img_size or preset.get("img_size") or 224  # parsed by ModelConfig()
         if "in_chans" in preset and values["in_chans"] is None and native_chans is None:
             values["in_chans"] = preset["in_chans"]
         values["in_chans"] = values["in_chans"] or native_chans or 3

@@ -209,10 +209,8 @@ def cover_resize(image: torch.Tensor, box) -> torch.Tensor:
     it, as torchvision's ``Resize(S)``. Otherwise as timm's ``ResizeKeepRatio`` (its eval transform for a
     non-square input size): ratio = min(h / Hb, w / Wb), each side round(side / ratio)."""
     box_h, box_w = image_hw(box)
-    if box_h == box_w:
-        return TF.resize(image, [box_h], interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
-    return TF.resize(image, cover_size(image.shape[-2:], (box_h, box_w)),
-                     interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
+    size = [box_h] if box_h == box_w else cover_size(image.shape[-2:], (box_h, box_w))
+    return TF.resize(image, size, interpolation=TF.InterpolationMode.BICUBIC, antialias=True)
 
 
 def cover_size(size, box) -> list[int]:

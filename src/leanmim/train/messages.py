@@ -66,7 +66,7 @@ def peer_lost(err: Exception) -> str | None:
             "memory, killed, node lost), then rerun the same command to resume")
 
 
-_PEER_LOST_REPORTED: list[bool] = []   # set once this process has printed the peer-lost line
+_peer_lost_reported = False   # whether this process has printed the peer-lost line
 
 
 def report_peer_lost(err: BaseException) -> bool:
@@ -75,17 +75,18 @@ def report_peer_lost(err: BaseException) -> bool:
     as it sees the other one die, and Lightning's teardown has put SIGTERM's default action back, so the line must
     be out before that signal lands. ``leanmim``'s error handler prints nothing more (:func:`peer_lost_reported`):
     the exception that reaches it may be another object wrapping this one."""
+    global _peer_lost_reported
     line = peer_lost(err) if isinstance(err, Exception) else None
-    if line is None or _PEER_LOST_REPORTED:
+    if line is None or _peer_lost_reported:
         return line is not None
     try:
         print(f"leanmim: error: {line}", file=sys.stderr, flush=True)
     except OSError:
         pass
-    _PEER_LOST_REPORTED.append(True)
+    _peer_lost_reported = True
     return True
 
 
 def peer_lost_reported() -> bool:
     """Whether this process has printed the peer-lost line already."""
-    return bool(_PEER_LOST_REPORTED)
+    return _peer_lost_reported

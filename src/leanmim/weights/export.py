@@ -147,8 +147,7 @@ def require_transformers():
 def hf_vit_config(model: ModelConfig) -> dict[str, Any]:
     return dict(hidden_size=model.embed_dim, num_hidden_layers=model.depth, num_attention_heads=model.num_heads,
                 intermediate_size=int(model.embed_dim * model.mlp_ratio), hidden_act="gelu", layer_norm_eps=1e-6,
-                image_size=model.img_size if isinstance(model.img_size, int) else list(model.img_hw),
-                patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
+                image_size=model.img_size, patch_size=model.patch_size, num_channels=model.in_chans, qkv_bias=True,
                 hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
