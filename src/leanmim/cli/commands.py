@@ -142,6 +142,7 @@ def command_methods(args) -> int:
 
 def command_finetune(args) -> int:
     from .. import api
+    from ..train.console import plural
     settings = {key.split(".", 1)[1]: value for key, value in vars(args).items() if key.startswith("finetune.")}
     results = api.finetune(args.run, **settings)
     if args.json:
@@ -149,10 +150,11 @@ def command_finetune(args) -> int:
     elif results["selected_epoch"] is None:
         print(f"nothing to do: no epoch evaluated, output directory {results['out']}")
     elif results["selected_test_top1"] is None:
-        print(f"stopped after {results['epochs_completed']} epochs (validation top-1 "
+        print(f"stopped after {plural(results['epochs_completed'], 'epoch')} (validation top-1 "
               f"{100 * results['last_val_top1']:.2f}%): rerun to finish; output directory {results['out']}")
     else:
-        print(f"fine-tuned {results['method']} encoder, {results['epochs_completed']} epochs; selected on validation: "
+        print(f"fine-tuned {results['method']} encoder, {plural(results['epochs_completed'], 'epoch')}; "
+              f"selected on validation: "
               f"epoch {results['selected_epoch']} (val top-1 {100 * results['selected_val_top1']:.2f}%), test top-1 "
               f"{100 * results['selected_test_top1']:.2f}%; last epoch: test top-1 "
               f"{100 * results['last_test_top1']:.2f}%; output directory {results['out']}")
